@@ -1,0 +1,207 @@
+// Token log-probs and entropy from logits on the CPU: one pass over V per row for the forward
+// (online log-sum-exp), one pass per row for the backward (recomputed from the saved lse).
+// Rows are spread over OpenMP threads; within a row, V is walked in chunks that fit in L1, each
+// chunk in two vectorizable loops (max, then the sums). The per-element math is
+// fusedrl/logprobs.h, shared with the CUDA kernel.
+#include "cpu/kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <omp.h>
+
+#include "fusedrl/logprobs.h"
+
+namespace fusedrl {
+namespace cpu {
+namespace {
+
+constexpr int64_t kChunk = 2048;
+
+// Accumulation type: fp32 for fp32/bf16/fp16 inputs, fp64 for fp64 inputs.
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+template <typename T> FUSEDRL_HD typename Acc<T>::type load(const T* p, int64_t i);
+template <> FUSEDRL_HD float load<float>(const float* p, int64_t i) { return p[i]; }
+template <> FUSEDRL_HD double load<double>(const double* p, int64_t i) { return p[i]; }
+template <> FUSEDRL_HD float load<bf16_t>(const bf16_t* p, int64_t i) { return to_float(p[i]); }
+template <> FUSEDRL_HD float load<f16_t>(const f16_t* p, int64_t i) { return to_float(p[i]); }
+
+template <typename T> FUSEDRL_HD void store(T* p, int64_t i, typename Acc<T>::type v);
+template <> FUSEDRL_HD void store<float>(float* p, int64_t i, float v) { p[i] = v; }
+template <> FUSEDRL_HD void store<double>(double* p, int64_t i, double v) { p[i] = v; }
+template <> FUSEDRL_HD void store<bf16_t>(bf16_t* p, int64_t i, float v) { p[i] = from_float<bf16_t>(v); }
+template <> FUSEDRL_HD void store<f16_t>(f16_t* p, int64_t i, float v) { p[i] = from_float<f16_t>(v); }
+
+// One row's softmax statistics. Returns false when the row holds a NaN.
+template <typename T>
+FUSEDRL_HD bool row_stats(const T* z, int64_t V, typename Acc<T>::type inv_temp,
+                          bool want_entropy, LseState<typename Acc<T>::type>* out) {
+  using acc_t = typename Acc<T>::type;
+  acc_t buf[kChunk];
+  LseState<acc_t> st = lse_empty<acc_t>();
+  double s_tot = 0.0, t_tot = 0.0;  // chunk partial sums are added in double across chunks
+  int nan_seen = 0;
+  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, V - c0);
+    acc_t cmax = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : cmax) reduction(| : nan_seen)
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t x = load(z, c0 + i) * inv_temp;
+      buf[i] = x;
+      nan_seen |= (x != x);
+      cmax = x > cmax ? x : cmax;
+    }
+    if (cmax == -std::numeric_limits<acc_t>::infinity()) continue;  // all -inf: adds nothing
+    if (cmax > st.m) {
+      st.s = acc_t(s_tot);
+      st.t = acc_t(t_tot);
+      st = lse_rebase(st, cmax);
+      s_tot = st.s;
+      t_tot = st.t;
+    }
+    const acc_t m = st.m;
+    acc_t s = 0, t = 0;
+    if (want_entropy) {
+#pragma omp simd reduction(+ : s, t)
+      for (int64_t i = 0; i < n; ++i) {
+        const acc_t d = clamp_shift(buf[i] - m);
+        const acc_t e = exp_nonpos(d);
+        s += e;
+        t += e * d;
+      }
+    } else {
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = 0; i < n; ++i) s += exp_nonpos(clamp_shift(buf[i] - m));
+    }
+    s_tot += s;
+    t_tot += t;
+  }
+  st.s = acc_t(s_tot);
+  st.t = acc_t(t_tot);
+  *out = st;
+  return nan_seen == 0;
+}
+
+template <typename T>
+FUSEDRL_HD void fwd_rows(const LogprobArgs& a, int64_t r0, int64_t r1) {
+  using acc_t = typename Acc<T>::type;
+  using out_t = acc_t;  // fp32 outputs, fp64 for fp64 logits
+  const T* logits = static_cast<const T*>(a.logits);
+  out_t* logp = static_cast<out_t*>(a.logp);
+  out_t* ent = static_cast<out_t*>(a.entropy);
+  out_t* lse_out = static_cast<out_t*>(a.lse);
+  const acc_t inv_temp = acc_t(a.inv_temp);
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t label = a.labels[r];
+    if (label == a.ignore_index) {
+      logp[r] = 0;
+      if (ent) ent[r] = 0;
+      lse_out[r] = 0;
+      continue;
+    }
+    const T* z = logits + r * a.row_stride;
+    LseState<acc_t> st;
+    const bool finite = row_stats(z, a.V, inv_temp, ent != nullptr, &st);
+    const acc_t lse = finite ? lse_value(st) : nan;
+    lse_out[r] = lse;
+    logp[r] = load(z, label) * inv_temp - lse;
+    if (ent) ent[r] = finite ? entropy_value(st) : nan;
+  }
+}
+
+template <typename T>
+FUSEDRL_HD void bwd_rows(const LogprobArgs& a, int64_t r0, int64_t r1) {
+  using acc_t = typename Acc<T>::type;
+  const T* logits = static_cast<const T*>(a.logits);
+  const acc_t* lse_in = static_cast<const acc_t*>(a.lse);
+  const acc_t* ent_in = static_cast<const acc_t*>(a.entropy);
+  const acc_t* g_lp_in = static_cast<const acc_t*>(a.grad_logp);
+  const acc_t* g_h_in = static_cast<const acc_t*>(a.grad_entropy);
+  T* grad = static_cast<T*>(a.grad_logits);
+  const acc_t inv_temp = acc_t(a.inv_temp);
+  for (int64_t r = r0; r < r1; ++r) {
+    T* g = grad + r * a.grad_row_stride;
+    const int64_t label = a.labels[r];
+    const acc_t g_lp = g_lp_in ? g_lp_in[r] : acc_t(0);
+    const acc_t g_h = g_h_in ? g_h_in[r] : acc_t(0);
+    if (label == a.ignore_index || (g_lp == acc_t(0) && g_h == acc_t(0))) {
+      for (int64_t v = 0; v < a.V; ++v) store(g, v, acc_t(0));
+      continue;
+    }
+    const T* z = logits + r * a.row_stride;
+    const acc_t lse = lse_in[r];
+    const acc_t h = ent_in ? ent_in[r] : acc_t(0);
+#pragma omp simd
+    for (int64_t v = 0; v < a.V; ++v) {
+      store(g, v, logprob_grad(load(z, v) * inv_temp, lse, h, acc_t(0), g_lp, g_h, inv_temp));
+    }
+    store(g, label, logprob_grad(load(z, label) * inv_temp, lse, h, acc_t(1), g_lp, g_h, inv_temp));
+  }
+}
+
+// Multi-versioned entry points: one clone per ISA level, chosen at load time (a portable binary
+// that still uses AVX2 or AVX-512 where the CPU has it). The OpenMP region stays outside the
+// clones so the hot loops are inside the cloned function.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FUSEDRL_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define FUSEDRL_CLONES
+#endif
+
+#define FUSEDRL_ROWS_FN(NAME, BODY, T) \
+  FUSEDRL_CLONES void NAME(const LogprobArgs& a, int64_t r0, int64_t r1) { BODY<T>(a, r0, r1); }
+FUSEDRL_ROWS_FN(fwd_f32, fwd_rows, float)
+FUSEDRL_ROWS_FN(fwd_bf16, fwd_rows, bf16_t)
+FUSEDRL_ROWS_FN(fwd_f16, fwd_rows, f16_t)
+FUSEDRL_ROWS_FN(fwd_f64, fwd_rows, double)
+FUSEDRL_ROWS_FN(bwd_f32, bwd_rows, float)
+FUSEDRL_ROWS_FN(bwd_bf16, bwd_rows, bf16_t)
+FUSEDRL_ROWS_FN(bwd_f16, bwd_rows, f16_t)
+FUSEDRL_ROWS_FN(bwd_f64, bwd_rows, double)
+#undef FUSEDRL_ROWS_FN
+
+using RowsFn = void (*)(const LogprobArgs&, int64_t, int64_t);
+
+void run_rows(RowsFn fn, const LogprobArgs& a) {
+  const int64_t N = a.N;
+  if (N <= 0) return;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, N)));
+#pragma omp parallel num_threads(nt)
+  {
+    const int64_t tid = omp_get_thread_num(), cnt = omp_get_num_threads();
+    const int64_t r0 = N * tid / cnt, r1 = N * (tid + 1) / cnt;
+    fn(a, r0, r1);
+  }
+}
+
+RowsFn pick(int dtype, RowsFn f32, RowsFn bf16, RowsFn f16, RowsFn f64) {
+  switch (dtype) {
+    case kFloat32: return f32;
+    case kBFloat16: return bf16;
+    case kFloat16: return f16;
+    case kFloat64: return f64;
+    default: return nullptr;
+  }
+}
+
+}  // namespace
+
+bool logprobs_forward(const LogprobArgs& a) {
+  RowsFn fn = pick(a.dtype, fwd_f32, fwd_bf16, fwd_f16, fwd_f64);
+  if (!fn) return false;
+  run_rows(fn, a);
+  return true;
+}
+
+bool logprobs_backward(const LogprobArgs& a) {
+  RowsFn fn = pick(a.dtype, bwd_f32, bwd_bf16, bwd_f16, bwd_f64);
+  if (!fn) return false;
+  run_rows(fn, a);
+  return true;
+}
+
+}  // namespace cpu
+}  // namespace fusedrl

@@ -1,0 +1,109 @@
+// Shared by csrc/cpu (g++) and csrc/cuda (nvcc): dtype codes, element conversions, and a
+// branch-free exp for the CPU path. Everything here is plain C++ on plain numbers: no torch.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define FUSEDRL_HD __host__ __device__ __forceinline__
+#else
+#define FUSEDRL_HD inline __attribute__((always_inline))
+#endif
+
+namespace fusedrl {
+
+// Dtype codes passed from Python (python/fusedrl/_ext.py keeps the same table).
+enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
+
+// Storage tags for the 16-bit formats (the bits, not an arithmetic type).
+struct bf16_t { uint16_t bits; };
+struct f16_t { uint16_t bits; };
+
+FUSEDRL_HD float bits_to_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+FUSEDRL_HD uint32_t float_to_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+// ---- loads: every kernel upcasts right after the load ----
+FUSEDRL_HD float to_float(float x) { return x; }
+FUSEDRL_HD double to_double(double x) { return x; }
+FUSEDRL_HD float to_float(bf16_t x) { return bits_to_float(uint32_t(x.bits) << 16); }
+FUSEDRL_HD float to_float(f16_t x) {
+  // Branch-free half -> float (exact), written with selects so loops over it vectorize.
+  const uint32_t h = x.bits;
+  const uint32_t shifted_exp = 0x7c00u << 13;
+  uint32_t o = (h & 0x7fffu) << 13;
+  const uint32_t e = shifted_exp & o;
+  o += (127u - 15u) << 23;
+  const uint32_t o_inf = o + ((128u - 16u) << 23);
+  const float denorm = bits_to_float(o + (1u << 23)) - bits_to_float(113u << 23);
+  o = (e == shifted_exp) ? o_inf : o;
+  o = (e == 0) ? float_to_bits(denorm) : o;
+  return bits_to_float(o | ((h & 0x8000u) << 16));
+}
+
+// ---- stores: round to nearest even ----
+template <typename T> FUSEDRL_HD T from_float(float x);
+template <> FUSEDRL_HD float from_float<float>(float x) { return x; }
+template <> FUSEDRL_HD bf16_t from_float<bf16_t>(float x) {
+  uint32_t u = float_to_bits(x);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  bf16_t r;
+  r.bits = (x != x) ? uint16_t(0x7fc0u) : uint16_t(rounded);
+  return r;
+}
+template <> FUSEDRL_HD f16_t from_float<f16_t>(float x) {
+  // float -> half, round to nearest even (F. Giesen's float_to_half_fast3_rtne).
+  const uint32_t f32infty = 255u << 23, f16max = (127u + 16u) << 23;
+  const uint32_t denorm_magic_bits = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+  uint32_t f = float_to_bits(x);
+  const uint32_t sign = f & 0x80000000u;
+  f ^= sign;
+  uint16_t o;
+  if (f >= f16max) {
+    o = (f > f32infty) ? 0x7e00u : 0x7c00u;
+  } else if (f < (113u << 23)) {
+    const float d = bits_to_float(f) + bits_to_float(denorm_magic_bits);
+    o = uint16_t(float_to_bits(d) - denorm_magic_bits);
+  } else {
+    const uint32_t mant_odd = (f >> 13) & 1u;
+    f += ((15u - 127u) << 23) + 0xfffu;
+    f += mant_odd;
+    o = uint16_t(f >> 13);
+  }
+  f16_t r;
+  r.bits = uint16_t(o | (sign >> 16));
+  return r;
+}
+template <> FUSEDRL_HD double from_float<double>(float x) { return x; }
+
+// ---- exp of a non-positive argument ----
+// All exponentials in fusedrl's log-prob kernels are of x - max <= 0. On the host this is a
+// branch-free Cody-Waite reduction with the Cephes degree-6 polynomial (about 1 ulp), so the
+// loops that call it vectorize without -ffast-math or libmvec. Arguments below -87.3 give 0
+// (the true value is below FLT_MIN and is negligible next to any sum that holds the max term);
+// NaN propagates.
+FUSEDRL_HD float exp_nonpos(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  const float lo = -87.3f;
+  const float xc = x < lo ? lo : (x > 0.f ? 0.f : x);
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const float n = (xc * 1.44269504088896341f + magic) - magic;
+  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const float scale = bits_to_float(uint32_t(int32_t(n) + 127) << 23);
+  const float y = p * scale;
+  return (x < lo) ? 0.0f : ((x != x) ? x : y);
+#endif
+}
+FUSEDRL_HD double exp_nonpos(double x) { return exp(x); }
+
+}  // namespace fusedrl

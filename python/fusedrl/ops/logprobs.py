@@ -1,0 +1,161 @@
+"""Custom ops ``fusedrl::token_logprobs`` and ``fusedrl::token_logprobs_backward``.
+
+The forward op returns ``(logp, entropy, lse)`` for 2-D logits ``[N, V]`` (unit stride along V);
+the backward op recomputes the softmax from the saved ``lse`` and writes ``d/d logits`` in the
+logits' dtype. Neither ever holds an ``[N, V]`` float32 log-softmax or probability tensor. The
+``backend`` argument names the kernel (``cpu``, ``cuda`` or ``triton``); the choice is made by
+:func:`fusedrl.dispatch.select` before the op is called. Registered with fake (meta) and autograd
+implementations, so torch.compile traces through without a graph break.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fusedrl import _ext
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers: one per backend, the same signature. Outputs are preallocated by the op.
+# ---------------------------------------------------------------------------------------------
+def _cpu_forward(logits, labels, temperature, ignore_index, logp, entropy, lse):
+    N, V = logits.shape
+    _ext.load().logprobs_forward_cpu(
+        logits.data_ptr(), labels.data_ptr(), _ext.DTYPE_CODES[logits.dtype], N, V, logits.stride(0),
+        ignore_index, 1.0 / temperature, logp.data_ptr(), _ext.ptr(entropy), lse.data_ptr(),
+        torch.get_num_threads(),
+    )
+
+
+def _cpu_backward(logits, labels, temperature, ignore_index, lse, entropy, grad_logp, grad_entropy, grad):
+    N, V = logits.shape
+    _ext.load().logprobs_backward_cpu(
+        logits.data_ptr(), labels.data_ptr(), _ext.DTYPE_CODES[logits.dtype], N, V, logits.stride(0),
+        ignore_index, 1.0 / temperature, lse.data_ptr(), _ext.ptr(entropy), _ext.ptr(grad_logp),
+        _ext.ptr(grad_entropy), grad.data_ptr(), grad.stride(0), torch.get_num_threads(),
+    )
+
+
+def _cuda_forward(logits, labels, temperature, ignore_index, logp, entropy, lse):
+    N, V = logits.shape
+    _ext.load().logprobs_forward_cuda(
+        logits.data_ptr(), labels.data_ptr(), _ext.DTYPE_CODES[logits.dtype], N, V, logits.stride(0),
+        ignore_index, 1.0 / temperature, logp.data_ptr(), _ext.ptr(entropy), lse.data_ptr(),
+        torch.cuda.current_stream(logits.device).cuda_stream,
+    )
+
+
+def _cuda_backward(logits, labels, temperature, ignore_index, lse, entropy, grad_logp, grad_entropy, grad):
+    N, V = logits.shape
+    _ext.load().logprobs_backward_cuda(
+        logits.data_ptr(), labels.data_ptr(), _ext.DTYPE_CODES[logits.dtype], N, V, logits.stride(0),
+        ignore_index, 1.0 / temperature, lse.data_ptr(), _ext.ptr(entropy), _ext.ptr(grad_logp),
+        _ext.ptr(grad_entropy), grad.data_ptr(), grad.stride(0),
+        torch.cuda.current_stream(logits.device).cuda_stream,
+    )
+
+
+def _triton_forward(*args):
+    from fusedrl.kernels import logprobs as k  # noqa: PLC0415  (imports triton)
+
+    k.forward(*args)
+
+
+def _triton_backward(*args):
+    from fusedrl.kernels import logprobs as k  # noqa: PLC0415
+
+    k.backward(*args)
+
+
+LAUNCHERS = {
+    "cpu": (_cpu_forward, _cpu_backward),
+    "cuda": (_cuda_forward, _cuda_backward),
+    "triton": (_triton_forward, _triton_backward),
+}
+BACKENDS = ("cpu", "cuda", "triton", "torch")  # "torch" is served by fusedrl.reference directly
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("fusedrl::token_logprobs", mutates_args=())
+def token_logprobs_op(
+    logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, return_entropy: bool, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    N = logits.shape[0]
+    out = _out_dtype(logits.dtype)
+    logp = torch.empty(N, dtype=out, device=logits.device)
+    lse = torch.empty(N, dtype=out, device=logits.device)
+    entropy = torch.empty(N if return_entropy else 0, dtype=out, device=logits.device)
+    if N > 0:
+        LAUNCHERS[backend][0](
+            logits, labels, temperature, ignore_index, logp, entropy if return_entropy else None, lse
+        )
+    return logp, entropy, lse
+
+
+@token_logprobs_op.register_fake
+def _(logits, labels, temperature, ignore_index, return_entropy, backend):
+    N = logits.shape[0]
+    out = _out_dtype(logits.dtype)
+    new = logits.new_empty
+    return new(N, dtype=out), new(N if return_entropy else 0, dtype=out), new(N, dtype=out)
+
+
+@torch.library.custom_op("fusedrl::token_logprobs_backward", mutates_args=())
+def token_logprobs_backward_op(
+    logits: Tensor,
+    labels: Tensor,
+    lse: Tensor,
+    entropy: Tensor,
+    grad_logp: Tensor | None,
+    grad_entropy: Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    backend: str,
+) -> Tensor:
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if logits.shape[0] > 0:
+        LAUNCHERS[backend][1](
+            logits, labels, temperature, ignore_index, lse, entropy if entropy.numel() else None,
+            grad_logp, grad_entropy, grad,
+        )
+    return grad
+
+
+@token_logprobs_backward_op.register_fake
+def _(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, backend):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, temperature, ignore_index, return_entropy, backend = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(logits, labels, lse, entropy)
+    ctx.options = (temperature, ignore_index, backend)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
+    logits, labels, lse, entropy = ctx.saved_tensors
+    temperature, ignore_index, backend = ctx.options
+    out = _out_dtype(logits.dtype)
+    # Upstream gradients may be expanded views (e.g. from .sum()): give the kernel dense [N] buffers.
+    if grad_logp is not None:
+        grad_logp = grad_logp.to(out).contiguous()
+    if grad_entropy is not None and entropy.numel():
+        grad_entropy = grad_entropy.to(out).contiguous()
+    else:
+        grad_entropy = None
+    grad = token_logprobs_backward_op(
+        logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, backend
+    )
+    return grad, None, None, None, None, None
+
+
+token_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
