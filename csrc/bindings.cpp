@@ -5,6 +5,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cpu/isa.h"
 #include "cpu/kernels.h"
 
 namespace py = pybind11;
@@ -47,6 +48,8 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("cuda_compiled") = false;
 #endif
+
+  m.def("cpu_isa", &fusedrl::cpu::isa_name, "The instruction set the CPU kernels run with here.");
 
   m.def(
       "logprobs_forward_cpu",

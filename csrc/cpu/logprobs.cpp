@@ -4,6 +4,7 @@
 // chunk in two vectorizable loops (max, then the sums). The per-element math is
 // fusedrl/logprobs.h, shared with the CUDA kernel.
 #include "cpu/kernels.h"
+#include "cpu/isa.h"
 
 #include <algorithm>
 #include <cmath>
@@ -142,28 +143,19 @@ FUSEDRL_HD void bwd_rows(const LogprobArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
-// Multi-versioned entry points: one clone per ISA level, chosen at load time (a portable binary
-// that still uses AVX2 or AVX-512 where the CPU has it). The OpenMP region stays outside the
-// clones so the hot loops are inside the cloned function.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FUSEDRL_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
-#else
-#define FUSEDRL_CLONES
-#endif
-
-#define FUSEDRL_ROWS_FN(NAME, BODY, T) \
-  FUSEDRL_CLONES void NAME(const LogprobArgs& a, int64_t r0, int64_t r1) { BODY<T>(a, r0, r1); }
-FUSEDRL_ROWS_FN(fwd_f32, fwd_rows, float)
-FUSEDRL_ROWS_FN(fwd_bf16, fwd_rows, bf16_t)
-FUSEDRL_ROWS_FN(fwd_f16, fwd_rows, f16_t)
-FUSEDRL_ROWS_FN(fwd_f64, fwd_rows, double)
-FUSEDRL_ROWS_FN(bwd_f32, bwd_rows, float)
-FUSEDRL_ROWS_FN(bwd_bf16, bwd_rows, bf16_t)
-FUSEDRL_ROWS_FN(bwd_f16, bwd_rows, f16_t)
-FUSEDRL_ROWS_FN(bwd_f64, bwd_rows, double)
-#undef FUSEDRL_ROWS_FN
-
+// Each row function in three ISA variants (csrc/cpu/isa.h); the OpenMP region stays outside them
+// so the hot loops are compiled for the chosen ISA.
 using RowsFn = void (*)(const LogprobArgs&, int64_t, int64_t);
+
+FUSEDRL_ISA_VARIANTS(RowsFn, fwd_f32, fwd_rows, float)
+FUSEDRL_ISA_VARIANTS(RowsFn, fwd_bf16, fwd_rows, bf16_t)
+FUSEDRL_ISA_VARIANTS(RowsFn, fwd_f16, fwd_rows, f16_t)
+FUSEDRL_ISA_VARIANTS(RowsFn, fwd_f64, fwd_rows, double)
+FUSEDRL_ISA_VARIANTS(RowsFn, bwd_f32, bwd_rows, float)
+FUSEDRL_ISA_VARIANTS(RowsFn, bwd_bf16, bwd_rows, bf16_t)
+FUSEDRL_ISA_VARIANTS(RowsFn, bwd_f16, bwd_rows, f16_t)
+FUSEDRL_ISA_VARIANTS(RowsFn, bwd_f64, bwd_rows, double)
+#undef FUSEDRL_ISA_VARIANTS
 
 void run_rows(RowsFn fn, const LogprobArgs& a) {
   const int64_t N = a.N;
@@ -187,17 +179,21 @@ RowsFn pick(int dtype, RowsFn f32, RowsFn bf16, RowsFn f16, RowsFn f64) {
   }
 }
 
+// Resolved once, at the first call.
+const RowsFn kForward[4] = {fwd_f32(), fwd_bf16(), fwd_f16(), fwd_f64()};
+const RowsFn kBackward[4] = {bwd_f32(), bwd_bf16(), bwd_f16(), bwd_f64()};
+
 }  // namespace
 
 bool logprobs_forward(const LogprobArgs& a) {
-  RowsFn fn = pick(a.dtype, fwd_f32, fwd_bf16, fwd_f16, fwd_f64);
+  RowsFn fn = pick(a.dtype, kForward[0], kForward[1], kForward[2], kForward[3]);
   if (!fn) return false;
   run_rows(fn, a);
   return true;
 }
 
 bool logprobs_backward(const LogprobArgs& a) {
-  RowsFn fn = pick(a.dtype, bwd_f32, bwd_bf16, bwd_f16, bwd_f64);
+  RowsFn fn = pick(a.dtype, kBackward[0], kBackward[1], kBackward[2], kBackward[3]);
   if (!fn) return false;
   run_rows(fn, a);
   return true;

@@ -21,7 +21,6 @@ machine, a debug log line otherwise) and the call falls through to the next back
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import warnings
@@ -34,11 +33,17 @@ logger = logging.getLogger("fusedrl")
 
 ORDER = ("cpu", "cuda", "triton", "torch")
 _reported: set[tuple[str, str, str]] = set()
+_unavailable: dict[str, str | None] = {}
 
 
-@functools.lru_cache(maxsize=None)
 def unavailable(name: str) -> str | None:
-    """Why backend ``name`` cannot run on this machine at all, or None when it can."""
+    """Why backend ``name`` cannot run on this machine at all, or None when it can (cached)."""
+    if name not in _unavailable:
+        _unavailable[name] = _probe(name)
+    return _unavailable[name]
+
+
+def _probe(name: str) -> str | None:
     if name == "torch":
         return None
     if name == "cpu":

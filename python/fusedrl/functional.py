@@ -65,10 +65,11 @@ def token_logprobs(
         return_entropy=check.boolean("return_entropy", return_entropy),
     )
     V = logits.shape[-1]
-    bad = (labels != params.ignore_index) & ((labels < 0) | (labels >= V))
-    if bool(bad.any()):
-        first = labels[bad].flatten()[0].item()
-        raise ValueError(f"labels must be in [0, {V}) or ignore_index={params.ignore_index}, got {first}")
+    if not torch.compiler.is_compiling():  # a data-dependent check: skipped inside torch.compile
+        bad = (labels != params.ignore_index) & ((labels < 0) | (labels >= V))
+        if bool(bad.any()):
+            first = labels[bad].flatten()[0].item()
+            raise ValueError(f"labels must be in [0, {V}) or ignore_index={params.ignore_index}, got {first}")
 
     from fusedrl.ops import logprobs as op  # noqa: PLC0415  (registers the custom ops)
 

@@ -89,9 +89,9 @@ def token_logprobs_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     N = logits.shape[0]
     out = _out_dtype(logits.dtype)
-    logp = torch.empty(N, dtype=out, device=logits.device)
-    lse = torch.empty(N, dtype=out, device=logits.device)
-    entropy = torch.empty(N if return_entropy else 0, dtype=out, device=logits.device)
+    logp = _ext.empty(N, out, logits.device)
+    lse = _ext.empty(N, out, logits.device)
+    entropy = _ext.empty(N if return_entropy else 0, out, logits.device)
     if N > 0:
         LAUNCHERS[backend][0](
             logits, labels, temperature, ignore_index, logp, entropy if return_entropy else None, lse
@@ -119,7 +119,7 @@ def token_logprobs_backward_op(
     ignore_index: int,
     backend: str,
 ) -> Tensor:
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad = _ext.empty(logits.shape, logits.dtype, logits.device)
     if logits.shape[0] > 0:
         LAUNCHERS[backend][1](
             logits, labels, temperature, ignore_index, lse, entropy if entropy.numel() else None,

@@ -1,0 +1,1 @@
+"""fusedrl benchmarks: `python -m benchmarks` (see harness.py)."""

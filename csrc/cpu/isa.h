@@ -1,0 +1,59 @@
+// Run-time choice of the instruction set for the CPU kernels: every kernel file compiles its hot
+// row functions for AVX-512, AVX2+FMA and the baseline ISA (FUSEDRL_ISA_VARIANTS) and calls the
+// widest one this CPU supports. No -march=native: one binary runs everywhere.
+#pragma once
+
+#include <cstdint>
+
+namespace fusedrl {
+namespace cpu {
+
+enum IsaLevel : int { kIsaBaseline = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
+
+inline int isa_level() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const int level = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl"))
+      return int(kIsaAvx512);
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return int(kIsaAvx2);
+    return int(kIsaBaseline);
+  }();
+  return level;
+#else
+  return kIsaBaseline;
+#endif
+}
+
+inline const char* isa_name() {
+  switch (isa_level()) {
+    case kIsaAvx512: return "avx512";
+    case kIsaAvx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
+}  // namespace cpu
+}  // namespace fusedrl
+
+// Defines NAME() returning the variant of `void NAME_xxx(ARGS)` (which calls BODY<T>) for this CPU.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FUSEDRL_ISA_VARIANTS(FnType, NAME, BODY, T)                                                  \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))) void NAME##_avx512(          \
+      const LogprobArgs& a, int64_t r0, int64_t r1) { BODY<T>(a, r0, r1); }                       \
+  __attribute__((target("avx2,fma,f16c"))) void NAME##_avx2(const LogprobArgs& a, int64_t r0,    \
+                                                            int64_t r1) { BODY<T>(a, r0, r1); }  \
+  void NAME##_base(const LogprobArgs& a, int64_t r0, int64_t r1) { BODY<T>(a, r0, r1); }          \
+  FnType NAME() {                                                                                 \
+    switch (::fusedrl::cpu::isa_level()) {                                                        \
+      case ::fusedrl::cpu::kIsaAvx512: return NAME##_avx512;                                      \
+      case ::fusedrl::cpu::kIsaAvx2: return NAME##_avx2;                                          \
+      default: return NAME##_base;                                                                \
+    }                                                                                             \
+  }
+#else
+#define FUSEDRL_ISA_VARIANTS(FnType, NAME, BODY, T)                                             \
+  void NAME##_base(const LogprobArgs& a, int64_t r0, int64_t r1) { BODY<T>(a, r0, r1); }     \
+  FnType NAME() { return NAME##_base; }
+#endif
