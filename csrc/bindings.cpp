@@ -54,12 +54,13 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "logprobs_forward_cpu",
       [](uintptr_t logits, uintptr_t labels, int dtype, int64_t N, int64_t V, int64_t row_stride,
-         int64_t ignore_index, double inv_temp, uintptr_t logp, uintptr_t entropy, uintptr_t lse,
+         int64_t ignore_index, double inv_temp, uintptr_t logp, uintptr_t entropy, uintptr_t row_max, uintptr_t log_norm,
          int64_t num_threads) {
         LogprobArgs a = make_args(logits, labels, dtype, N, V, row_stride, ignore_index, inv_temp);
         a.logp = ptr<void>(logp);
         a.entropy = ptr<void>(entropy);
-        a.lse = ptr<void>(lse);
+        a.row_max = ptr<void>(row_max);
+        a.log_norm = ptr<void>(log_norm);
         a.num_threads = num_threads;
         check(fusedrl::cpu::logprobs_forward(a), "logprobs_forward_cpu");
       },
@@ -68,11 +69,12 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "logprobs_backward_cpu",
       [](uintptr_t logits, uintptr_t labels, int dtype, int64_t N, int64_t V, int64_t row_stride,
-         int64_t ignore_index, double inv_temp, uintptr_t lse, uintptr_t entropy,
+         int64_t ignore_index, double inv_temp, uintptr_t row_max, uintptr_t log_norm, uintptr_t entropy,
          uintptr_t grad_logp, uintptr_t grad_entropy, uintptr_t grad_logits,
          int64_t grad_row_stride, int64_t num_threads) {
         LogprobArgs a = make_args(logits, labels, dtype, N, V, row_stride, ignore_index, inv_temp);
-        a.lse = ptr<void>(lse);
+        a.row_max = ptr<void>(row_max);
+        a.log_norm = ptr<void>(log_norm);
         a.entropy = ptr<void>(entropy);
         a.grad_logp = ptr<const void>(grad_logp);
         a.grad_entropy = ptr<const void>(grad_entropy);
@@ -87,12 +89,13 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "logprobs_forward_cuda",
       [](uintptr_t logits, uintptr_t labels, int dtype, int64_t N, int64_t V, int64_t row_stride,
-         int64_t ignore_index, double inv_temp, uintptr_t logp, uintptr_t entropy, uintptr_t lse,
+         int64_t ignore_index, double inv_temp, uintptr_t logp, uintptr_t entropy, uintptr_t row_max, uintptr_t log_norm,
          uintptr_t stream) {
         LogprobArgs a = make_args(logits, labels, dtype, N, V, row_stride, ignore_index, inv_temp);
         a.logp = ptr<void>(logp);
         a.entropy = ptr<void>(entropy);
-        a.lse = ptr<void>(lse);
+        a.row_max = ptr<void>(row_max);
+        a.log_norm = ptr<void>(log_norm);
         check_cuda(fusedrl::cuda::logprobs_forward(a, stream), "logprobs_forward_cuda");
       },
       py::call_guard<py::gil_scoped_release>());
@@ -100,11 +103,12 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "logprobs_backward_cuda",
       [](uintptr_t logits, uintptr_t labels, int dtype, int64_t N, int64_t V, int64_t row_stride,
-         int64_t ignore_index, double inv_temp, uintptr_t lse, uintptr_t entropy,
+         int64_t ignore_index, double inv_temp, uintptr_t row_max, uintptr_t log_norm, uintptr_t entropy,
          uintptr_t grad_logp, uintptr_t grad_entropy, uintptr_t grad_logits,
          int64_t grad_row_stride, uintptr_t stream) {
         LogprobArgs a = make_args(logits, labels, dtype, N, V, row_stride, ignore_index, inv_temp);
-        a.lse = ptr<void>(lse);
+        a.row_max = ptr<void>(row_max);
+        a.log_norm = ptr<void>(log_norm);
         a.entropy = ptr<void>(entropy);
         a.grad_logp = ptr<const void>(grad_logp);
         a.grad_entropy = ptr<const void>(grad_entropy);

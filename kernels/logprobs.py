@@ -10,8 +10,11 @@ here                        logprobs.h / csrc/cpu/logprobs.cpp
 ``_exp_nonpos``             ``exp_nonpos`` (``tl.exp``)
 ``_lse_rebase``             ``lse_rebase``: re-express (m, s, t) at a new max; an empty state
                             (``not s > 0``) keeps its s and t (a NaN stays)
-``_lse_value``,             ``lse_value``, ``entropy_value``
-``_entropy_value``
+``_log_norm_value``,        ``log_norm_value``, ``entropy_value``, ``logprob_value``
+``_entropy_value``,
+``_logprob_value``
+``_expm1``                  ``expm1_acc`` (no libdevice in the interpreter: a Taylor polynomial
+                            where exp(x) - 1 would cancel, exp(x) - 1 elsewhere)
 ``_forward_kernel``         ``row_stats`` + ``fwd_rows``: one program per row walks V in BLOCK_V
                             blocks; a block whose max is -inf adds nothing (the ``continue``);
                             otherwise the running state is rebased to the new max and the block's
@@ -80,8 +83,8 @@ def _lse_rebase(m, s, t, m_new):
 
 
 @triton.jit
-def _lse_value(m, s):
-    return m + tl.log(s)
+def _log_norm_value(s):
+    return tl.log(s)
 
 
 @triton.jit
@@ -90,15 +93,27 @@ def _entropy_value(s, t):
 
 
 @triton.jit
-def _logprob_grad(x, lse, entropy, is_label, g_lp, g_h, inv_temp):
-    lp = _clamp_shift(x - lse)  # log p_v, clamped so p = 0 multiplies a finite value
+def _logprob_value(x, m, log_norm):
+    return (x - m) - log_norm
+
+
+@triton.jit
+def _expm1(x):
+    poly = x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0)))))
+    return tl.where(tl.abs(x) < 0.01, poly, tl.exp(x) - 1.0)  # poly error < x^6/720
+
+
+@triton.jit
+def _logprob_grad(x, m, log_norm, entropy, is_label, g_lp, g_h, inv_temp):
+    lp = _clamp_shift(_logprob_value(x, m, log_norm))  # p = 0 multiplies a finite value
     p = _exp_nonpos(lp)
-    return inv_temp * (g_lp * (is_label - p) - g_h * p * (lp + entropy))
+    onehot_minus_p = tl.where(is_label, -_expm1(lp), -p)
+    return inv_temp * (g_lp * onehot_minus_p - g_h * p * (lp + entropy))
 
 
 @triton.jit
 def _forward_kernel(
-    logits_ptr, labels_ptr, logp_ptr, entropy_ptr, lse_ptr,
+    logits_ptr, labels_ptr, logp_ptr, entropy_ptr, max_ptr, norm_ptr,
     V, stride_row, inv_temp: tl.float64, ignore_index,
     HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -131,12 +146,13 @@ def _forward_kernel(
             t += tl.where(live, tl.sum(e * d, axis=0), 0.0)
 
     finite = nan_seen == 0
-    lse = tl.where(finite, _lse_value(m, s), float("nan"))
+    log_norm = tl.where(finite, _log_norm_value(s), float("nan"))
     z_label = tl.load(z_row + label, mask=valid, other=0.0).to(ACC)
-    logp = z_label * inv_t - lse
-    out_ty = lse_ptr.dtype.element_ty
+    logp = _logprob_value(z_label * inv_t, m, log_norm)
+    out_ty = norm_ptr.dtype.element_ty
     tl.store(logp_ptr + row, tl.where(valid, logp, 0.0).to(out_ty))
-    tl.store(lse_ptr + row, tl.where(valid, lse, 0.0).to(out_ty))
+    tl.store(max_ptr + row, tl.where(valid, m, 0.0).to(out_ty))
+    tl.store(norm_ptr + row, tl.where(valid, log_norm, 0.0).to(out_ty))
     if HAS_ENTROPY:
         h = tl.where(finite, _entropy_value(s, t), float("nan"))
         tl.store(entropy_ptr + row, tl.where(valid, h, 0.0).to(out_ty))
@@ -148,7 +164,7 @@ def _forward_kernel(
 # Rows go on grid axis 0 (up to 2^31 - 1), V blocks on axis 1 (up to 65535 blocks).
 @triton.jit
 def _backward_kernel(
-    logits_ptr, labels_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, grad_ptr,
+    logits_ptr, labels_ptr, max_ptr, norm_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, grad_ptr,
     V, stride_row, grad_stride_row, inv_temp: tl.float64, ignore_index,
     HAS_ENTROPY: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -159,7 +175,8 @@ def _backward_kernel(
     ACC: tl.constexpr = tl.float64 if logits_ptr.dtype.element_ty == tl.float64 else tl.float32
     inv_t = tl.full([], inv_temp, ACC)
     label = tl.load(labels_ptr + row)
-    lse = tl.load(lse_ptr + row).to(ACC)
+    m = tl.load(max_ptr + row).to(ACC)
+    log_norm = tl.load(norm_ptr + row).to(ACC)
     h = tl.zeros([], ACC)
     g_lp = tl.zeros([], ACC)
     g_h = tl.zeros([], ACC)
@@ -173,8 +190,7 @@ def _backward_kernel(
 
     n_read = tl.where(active, V, 0)  # (a scalar & block mask trips the interpreter)
     z = tl.load(logits_ptr + row * stride_row + cols, mask=cols < n_read, other=0.0).to(ACC)
-    is_label = (cols == label).to(ACC)
-    g = _logprob_grad(z * inv_t, lse, h, is_label, g_lp, g_h, inv_t)
+    g = _logprob_grad(z * inv_t, m, log_norm, h, cols == label, g_lp, g_h, inv_t)
     g = tl.where(active, g, 0.0)
     tl.store(grad_ptr + row * grad_stride_row + cols, _to_output(g, grad_ptr.dtype.element_ty), mask=in_row)
 
@@ -187,26 +203,26 @@ def _num_warps(block: int) -> int:
     return 8 if block >= 2048 else 4
 
 
-def forward(logits, labels, temperature, ignore_index, logp, entropy, lse):
-    """logp, entropy (when not None) and lse of each row of ``logits`` [N, V], written in place."""
+def forward(logits, labels, temperature, ignore_index, logp, entropy, row_max, log_norm):
+    """logp, entropy (when not None), row max and log-normalizer of each row of ``logits`` [N, V]."""
     N, V = logits.shape
     block = _block(V, FWD_BLOCK_V)
     _forward_kernel[(N,)](
-        logits, labels, logp, lse if entropy is None else entropy, lse,
+        logits, labels, logp, log_norm if entropy is None else entropy, row_max, log_norm,
         V, logits.stride(0), 1.0 / temperature, ignore_index,
         HAS_ENTROPY=entropy is not None, BLOCK_V=block, num_warps=_num_warps(block),
     )
 
 
-def backward(logits, labels, temperature, ignore_index, lse, entropy, grad_logp, grad_entropy, grad):
+def backward(logits, labels, temperature, ignore_index, row_max, log_norm, entropy, grad_logp, grad_entropy, grad):
     """d(sum g_lp * logp + g_h * entropy)/d logits into ``grad`` [N, V] (every element written)."""
     N, V = logits.shape
     block = _block(V, BWD_BLOCK_V)
     _backward_kernel[(N, triton.cdiv(V, block))](
-        logits, labels, lse,
-        lse if entropy is None else entropy,
-        lse if grad_logp is None else grad_logp,
-        lse if grad_entropy is None else grad_entropy,
+        logits, labels, row_max, log_norm,
+        log_norm if entropy is None else entropy,
+        log_norm if grad_logp is None else grad_logp,
+        log_norm if grad_entropy is None else grad_entropy,
         grad,
         V, logits.stride(0), grad.stride(0), 1.0 / temperature, ignore_index,
         HAS_ENTROPY=entropy is not None, HAS_GRAD_LOGP=grad_logp is not None,

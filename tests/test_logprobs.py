@@ -248,10 +248,11 @@ def test_opcheck(backend, return_entropy):
     logits = torch.randn(4, 37, requires_grad=True)
     labels = torch.tensor([0, 36, -100, 5])
     torch.library.opcheck(op.token_logprobs_op, (logits, labels, 0.9, -100, return_entropy, backend))
-    lp, h, lse = op.token_logprobs_op(logits.detach(), labels, 0.9, -100, True, backend)
+    lp, h, row_max, log_norm = op.token_logprobs_op(logits.detach(), labels, 0.9, -100, True, backend)
     torch.library.opcheck(
         op.token_logprobs_backward_op,
-        (logits.detach(), labels, lse, h, torch.randn(4), torch.randn(4) if return_entropy else None, 0.9, -100, backend),
+        (logits.detach(), labels, row_max, log_norm, h, torch.randn(4), torch.randn(4) if return_entropy else None,
+         0.9, -100, backend),
     )
 
 

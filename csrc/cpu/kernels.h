@@ -6,8 +6,9 @@
 namespace fusedrl {
 
 // Arguments of the token log-prob kernels (forward and backward), shared by the CPU and CUDA
-// entry points. Pointers are raw data pointers; lse/logp/entropy/grad_logp/grad_entropy are fp32
-// (fp64 when dtype is fp64); grad_logits has the logits' dtype. Optional pointers may be null.
+// entry points. Pointers are raw data pointers; logp/entropy/row_max/log_norm/grad_logp/
+// grad_entropy are fp32 (fp64 when dtype is fp64); grad_logits has the logits' dtype. Optional
+// pointers may be null. A row's log-sum-exp is kept as the pair row_max + log_norm (logprobs.h).
 struct LogprobArgs {
   const void* logits = nullptr;   // [N, V] rows at row_stride elements, unit stride along V
   const int64_t* labels = nullptr;  // [N]
@@ -17,7 +18,8 @@ struct LogprobArgs {
   double inv_temp = 1.0;
   void* logp = nullptr;           // forward out [N]
   void* entropy = nullptr;        // forward out [N] (null: not computed); backward in
-  void* lse = nullptr;            // forward out [N]; backward in
+  void* row_max = nullptr;        // forward out [N]: max_v z_v / T; backward in
+  void* log_norm = nullptr;       // forward out [N]: log sum_v exp(z_v / T - row_max); backward in
   const void* grad_logp = nullptr;     // backward in [N] (null: zero)
   const void* grad_entropy = nullptr;  // backward in [N] (null: zero)
   void* grad_logits = nullptr;    // backward out [N, V] rows at grad_row_stride

@@ -1,5 +1,5 @@
 // Token log-probs and entropy from logits on the CPU: one pass over V per row for the forward
-// (online log-sum-exp), one pass per row for the backward (recomputed from the saved lse).
+// (online log-sum-exp), one pass per row for the backward (recomputed from the saved row max and log-normalizer).
 // Rows are spread over OpenMP threads; within a row, V is walked in chunks that fit in L1, each
 // chunk in two vectorizable loops (max, then the sums). The per-element math is
 // fusedrl/logprobs.h, shared with the CUDA kernel.
@@ -49,7 +49,7 @@ FUSEDRL_HD bool row_stats(const T* z, int64_t V, typename Acc<T>::type inv_temp,
     acc_t cmax = -std::numeric_limits<acc_t>::infinity();
 #pragma omp simd reduction(max : cmax) reduction(| : nan_seen)
     for (int64_t i = 0; i < n; ++i) {
-      const acc_t x = load(z, c0 + i) * inv_temp;
+      const acc_t x = mul_rn(load(z, c0 + i), inv_temp);
       buf[i] = x;
       nan_seen |= (x != x);
       cmax = x > cmax ? x : cmax;
@@ -92,7 +92,8 @@ FUSEDRL_HD void fwd_rows(const LogprobArgs& a, int64_t r0, int64_t r1) {
   const T* logits = static_cast<const T*>(a.logits);
   out_t* logp = static_cast<out_t*>(a.logp);
   out_t* ent = static_cast<out_t*>(a.entropy);
-  out_t* lse_out = static_cast<out_t*>(a.lse);
+  out_t* max_out = static_cast<out_t*>(a.row_max);
+  out_t* norm_out = static_cast<out_t*>(a.log_norm);
   const acc_t inv_temp = acc_t(a.inv_temp);
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   for (int64_t r = r0; r < r1; ++r) {
@@ -100,15 +101,17 @@ FUSEDRL_HD void fwd_rows(const LogprobArgs& a, int64_t r0, int64_t r1) {
     if (label == a.ignore_index) {
       logp[r] = 0;
       if (ent) ent[r] = 0;
-      lse_out[r] = 0;
+      max_out[r] = 0;
+      norm_out[r] = 0;
       continue;
     }
     const T* z = logits + r * a.row_stride;
     LseState<acc_t> st;
     const bool finite = row_stats(z, a.V, inv_temp, ent != nullptr, &st);
-    const acc_t lse = finite ? lse_value(st) : nan;
-    lse_out[r] = lse;
-    logp[r] = load(z, label) * inv_temp - lse;
+    const acc_t log_norm = finite ? log_norm_value(st) : nan;
+    max_out[r] = st.m;
+    norm_out[r] = log_norm;
+    logp[r] = logprob_value(mul_rn(load(z, label), inv_temp), st.m, log_norm);
     if (ent) ent[r] = finite ? entropy_value(st) : nan;
   }
 }
@@ -117,7 +120,8 @@ template <typename T>
 FUSEDRL_HD void bwd_rows(const LogprobArgs& a, int64_t r0, int64_t r1) {
   using acc_t = typename Acc<T>::type;
   const T* logits = static_cast<const T*>(a.logits);
-  const acc_t* lse_in = static_cast<const acc_t*>(a.lse);
+  const acc_t* max_in = static_cast<const acc_t*>(a.row_max);
+  const acc_t* norm_in = static_cast<const acc_t*>(a.log_norm);
   const acc_t* ent_in = static_cast<const acc_t*>(a.entropy);
   const acc_t* g_lp_in = static_cast<const acc_t*>(a.grad_logp);
   const acc_t* g_h_in = static_cast<const acc_t*>(a.grad_entropy);
@@ -133,13 +137,13 @@ FUSEDRL_HD void bwd_rows(const LogprobArgs& a, int64_t r0, int64_t r1) {
       continue;
     }
     const T* z = logits + r * a.row_stride;
-    const acc_t lse = lse_in[r];
+    const acc_t m = max_in[r], log_norm = norm_in[r];
     const acc_t h = ent_in ? ent_in[r] : acc_t(0);
 #pragma omp simd
     for (int64_t v = 0; v < a.V; ++v) {
-      store(g, v, logprob_grad(load(z, v) * inv_temp, lse, h, acc_t(0), g_lp, g_h, inv_temp));
+      store(g, v, logprob_grad(mul_rn(load(z, v), inv_temp), m, log_norm, h, false, g_lp, g_h, inv_temp));
     }
-    store(g, label, logprob_grad(load(z, label) * inv_temp, lse, h, acc_t(1), g_lp, g_h, inv_temp));
+    store(g, label, logprob_grad(mul_rn(load(z, label), inv_temp), m, log_norm, h, true, g_lp, g_h, inv_temp));
   }
 }
 

@@ -83,7 +83,7 @@ def token_logprobs(
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
-    logp, entropy, _ = op.token_logprobs_op(
+    logp, entropy, _, _ = op.token_logprobs_op(
         flat, flat_labels, params.temperature, params.ignore_index, params.return_entropy, name
     )
     logp = logp.view(labels.shape)

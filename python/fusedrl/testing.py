@@ -1,8 +1,11 @@
 """Numerics-testing helpers for fusedrl's own tests and for users who test their losses and kernels.
 
 Tolerances follow one rule: a float32 (or float64) computation must be within ``1e-5`` (``1e-10``)
-of a float64 gold, relative to the gold's largest magnitude; a bfloat16 or float16 computation
-must be no worse than twice the error of the same computation done by eager torch in that dtype.
+of a float64 gold, relative to the gold's largest magnitude, and at least on the unit scale
+(``floor=1``): a log-prob, entropy or loss of magnitude below one is held to an absolute ``1e-5``,
+since its float32 rounding comes from the O(1) terms it is computed from. A bfloat16 or float16
+computation must be no worse than twice the error of the same computation done by eager torch in
+that dtype.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ def max_error(actual: torch.Tensor, gold: torch.Tensor) -> float:
     return float(diff.max()) if diff.numel() else 0.0
 
 
-def scale_of(gold: torch.Tensor) -> float:
+def scale_of(gold: torch.Tensor, floor: float = 1.0) -> float:
+    """max |gold| over its finite elements, at least ``floor``."""
     g = gold.detach().double()
     g = g[torch.isfinite(g)]
-    return max(float(g.abs().max()) if g.numel() else 0.0, 1e-30)
+    return max(float(g.abs().max()) if g.numel() else 0.0, floor, 1e-30)
 
 
 def assert_close_to_reference(
@@ -37,21 +41,23 @@ def assert_close_to_reference(
     dtype: torch.dtype,
     torch_error: float | None = None,
     name: str = "value",
+    floor: float = 1.0,
 ) -> None:
     """Assert ``actual`` is close to the float64 ``gold`` for a computation on ``dtype`` inputs.
 
-    float32/float64: ``max|actual - gold| <= rtol * max|gold|`` (rtol 1e-5 / 1e-10).
+    float32/float64: ``max|actual - gold| <= rtol * max(max|gold|, floor)`` (rtol 1e-5 / 1e-10).
     bfloat16/float16: ``max|actual - gold| <= 2 * torch_error``, where ``torch_error`` is the
     error of eager torch doing the same computation in that dtype (measured by the caller).
     """
     err = max_error(actual, gold)
+    scale = scale_of(gold, floor)
     if dtype in RTOL:
-        bound = RTOL[dtype] * scale_of(gold)
-        rule = f"{RTOL[dtype]:g} x max|gold| ({scale_of(gold):.3g})"
+        bound = RTOL[dtype] * scale
+        rule = f"{RTOL[dtype]:g} x max(max|gold|, {floor:g}) ({scale:.3g})"
     else:
         if torch_error is None:
             raise ValueError(f"torch_error is required for dtype {dtype}")
-        bound = 2.0 * torch_error + 1e-12 * scale_of(gold)
+        bound = 2.0 * torch_error + 1e-12 * scale
         rule = f"2 x the eager-torch {dtype} error ({torch_error:.3g})"
     if not err <= bound:
         raise AssertionError(f"{name}: max error {err:.3g} exceeds {bound:.3g} = {rule}")

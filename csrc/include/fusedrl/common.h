@@ -77,6 +77,25 @@ template <> FUSEDRL_HD f16_t from_float<f16_t>(float x) {
 }
 template <> FUSEDRL_HD double from_float<double>(float x) { return x; }
 
+// ---- the scaled logit x = z * (1/T), rounded on its own ----
+// Never fused with a following add or subtract (the CPU build uses -ffp-contract=off; on the
+// device __fmul_rn is never contracted), so a row's max and the label's x - max are formed from
+// the same rounded numbers: the label at the max gives exactly x - m = 0, as in torch.
+FUSEDRL_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+FUSEDRL_HD double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 // ---- exp of a non-positive argument ----
 // All exponentials in fusedrl's log-prob kernels are of x - max <= 0. On the host this is a
 // branch-free Cody-Waite reduction with the Cephes degree-6 polynomial (about 1 ulp), so the
@@ -104,6 +123,14 @@ FUSEDRL_HD float exp_nonpos(float x) {
   return (x < lo) ? 0.0f : ((x != x) ? x : y);
 #endif
 }
-FUSEDRL_HD double exp_nonpos(double x) { return exp(x); }
+// float64: shifts at or below -128 (the clamp of clamp_shift in logprobs.h) give exactly 0, as
+// they do in float32, so a masked (-inf) logit contributes nothing in either precision.
+FUSEDRL_HD double exp_nonpos(double x) { return x <= -128.0 ? 0.0 : exp(x); }
+
+// log and expm1 in the accumulation type, the same overload on host and device.
+FUSEDRL_HD float log_acc(float x) { return logf(x); }
+FUSEDRL_HD double log_acc(double x) { return log(x); }
+FUSEDRL_HD float expm1_acc(float x) { return expm1f(x); }
+FUSEDRL_HD double expm1_acc(double x) { return expm1(x); }
 
 }  // namespace fusedrl

@@ -6,8 +6,11 @@
 //   m = max_v x_v,   s = sum_v exp(x_v - m),   t = sum_v exp(x_v - m) (x_v - m)
 // so that   lse = m + log s   and   H = -sum_v p_v log p_v = lse - E_p[x] = log s - t / s.
 // Keeping t relative to the max (not sum p x) avoids the cancellation of lse - E[x] when the
-// entropy is small. The gradients (shared/OBJECTIVES.md, "Token log-probs"):
-//   d logp / d z_v = (1[v = label] - p_v) / T,   d H / d z_v = -p_v (log p_v + H) / T.
+// entropy is small. A row's result is saved as the pair (m, log s), never as lse = m + log s:
+// with large logits (|x| ~ 1e4) the sum would round away the digits of log s, so every log-prob
+// is formed as (x - m) - log s. The gradients (shared/OBJECTIVES.md, "Token log-probs"):
+//   d logp / d z_v = (1[v = label] - p_v) / T,   d H / d z_v = -p_v (log p_v + H) / T,
+// with 1 - p_label computed as -expm1(log p_label) (exact when p_label is close to 1).
 #pragma once
 
 #include "fusedrl/common.h"
@@ -80,19 +83,26 @@ template <typename acc_t> FUSEDRL_HD LseState<acc_t> lse_push(LseState<acc_t> st
   return st;
 }
 
-template <typename acc_t> FUSEDRL_HD acc_t lse_value(const LseState<acc_t>& st) { return st.m + log(st.s); }
+// log s: the row's log-normalizer relative to its max (lse = m + log s).
+template <typename acc_t> FUSEDRL_HD acc_t log_norm_value(const LseState<acc_t>& st) { return log_acc(st.s); }
 template <typename acc_t> FUSEDRL_HD acc_t entropy_value(const LseState<acc_t>& st) {
-  return log(st.s) - st.t / st.s;
+  return log_acc(st.s) - st.t / st.s;
 }
 
-// Gradient of  g_lp * logp + g_h * H  w.r.t. the logit z_v, given x_v = z_v / T, the row's lse
-// and entropy H. Shared by the backward of every backend.
+// log p_v = (x_v - m) - log s.
+template <typename acc_t> FUSEDRL_HD acc_t logprob_value(acc_t x, acc_t m, acc_t log_norm) {
+  return (x - m) - log_norm;
+}
+
+// Gradient of  g_lp * logp + g_h * H  w.r.t. the logit z_v, given x_v = z_v / T, the row's max m,
+// log-normalizer log s and entropy H. Shared by the backward of every backend.
 template <typename acc_t>
-FUSEDRL_HD acc_t logprob_grad(acc_t x, acc_t lse, acc_t entropy, acc_t is_label, acc_t g_lp,
-                              acc_t g_h, acc_t inv_temp) {
-  const acc_t lp = clamp_shift(x - lse);  // log p_v, clamped so p = 0 multiplies a finite value
+FUSEDRL_HD acc_t logprob_grad(acc_t x, acc_t m, acc_t log_norm, acc_t entropy, bool is_label,
+                              acc_t g_lp, acc_t g_h, acc_t inv_temp) {
+  const acc_t lp = clamp_shift(logprob_value(x, m, log_norm));  // p = 0 multiplies a finite value
   const acc_t p = exp_nonpos(lp);
-  return inv_temp * (g_lp * (is_label - p) - g_h * p * (lp + entropy));
+  const acc_t onehot_minus_p = is_label ? -expm1_acc(lp) : -p;
+  return inv_temp * (g_lp * onehot_minus_p - g_h * p * (lp + entropy));
 }
 
 }  // namespace fusedrl

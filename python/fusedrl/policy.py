@@ -1,0 +1,518 @@
+r"""Policy-gradient objectives: KL estimators, loss aggregation and the policy loss.
+
+Each public function validates its arguments (TypeError / ValueError naming the argument), freezes
+its options into a params dataclass, picks a backend (:mod:`fusedrl.dispatch`; only the ``torch``
+reference exists for this family yet) and calls it. The math lives in
+:mod:`fusedrl.reference.kl`, :mod:`fusedrl.reference.aggregate` and :mod:`fusedrl.reference.policy`.
+Presets that translate TRL and verl settings into :func:`policy_loss` keywords are in
+:mod:`fusedrl.presets`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+from fusedrl import _validate as check
+from fusedrl import dispatch
+from fusedrl.reference import aggregate as _ref_aggregate
+from fusedrl.reference import kl as _ref_kl
+from fusedrl.reference import policy as _ref_policy
+
+__all__ = ["kl_penalty", "aggregate", "policy_loss", "PolicyParams", "AggregateParams", "KLParams"]
+
+KL_KINDS = _ref_kl.KINDS
+AGGREGATIONS = _ref_aggregate.MODES
+SURROGATES = _ref_policy.SURROGATES
+RATIOS = _ref_policy.RATIOS
+ROLLOUT_CORRECTIONS = _ref_policy.ROLLOUT_CORRECTIONS
+MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64) + check.FLOAT_DTYPES
+
+
+# ---------------------------------------------------------------------------------------------
+# params
+
+
+@dataclass(frozen=True)
+class KLParams:
+    """Options of :func:`kl_penalty`. kind: one of ``KL_KINDS``."""
+
+    kind: str = "k3"
+
+
+@dataclass(frozen=True)
+class AggregateParams:
+    """Options of :func:`aggregate`.
+
+    mode: one of ``AGGREGATIONS``.
+    exclude_empty_rows: seq-mean modes count only rows with a valid token by default (verl's rule)
+        instead of every row (TRL's).
+    """
+
+    mode: str = "token-mean"
+    exclude_empty_rows: bool = False
+
+
+@dataclass(frozen=True)
+class PolicyParams:
+    """Every non-tensor option of :func:`policy_loss` (see its docstring), resolved:
+    ``clip_high`` is never None here (None at the call means ``clip_low``)."""
+
+    surrogate: str = "clip"
+    ratio: str = "token"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    clip_ratio_c: float | None = None
+    delta: float | None = None
+    beta: float = 0.0
+    kl: str = "k3"
+    use_bias_correction_kl: bool = False
+    rollout_correction: str | None = None
+    rollout_cap: float | None = 3.0
+    rollout_cap_low: float | None = None
+    entropy_coef: float = 0.0
+    aggregation: str = "token-mean"
+    kl_aggregation: str | None = None
+    entropy_aggregation: str | None = None
+    exclude_empty_rows: bool = False
+    cispo_bounds: str = "upper"
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
+    hybrid_mixing: str = "average"
+    hybrid_alpha: float = 0.5
+    seq_clip_low: float | None = None
+    seq_clip_high: float | None = None
+    log_ratio_clamp: float | None = 20.0
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _choice(name, value, options):
+    if not any(value is o or (isinstance(value, str) and value == o) for o in options):
+        raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
+    return value
+
+
+def _real(name, value, *, minimum=None, exclusive=False, maximum=None, optional=False):
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number{' or None' if optional else ''}, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if minimum is not None and (value <= minimum if exclusive else value < minimum):
+        raise ValueError(f"{name} must be {'>' if exclusive else '>='} {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+def _count(name, value, *, positive=False):
+    """A normalizer: None, a finite real (>= 0, or > 0) or a one-element tensor (not read here, so
+    no device synchronization)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        if value.is_complex():
+            raise TypeError(f"{name} must be real, got {value.dtype}")
+        return value.reshape(())
+    return _real(name, value, minimum=0.0, exclusive=positive)
+
+
+def _float_tensor(name, value, shape=None, ref_name="logp", ref=None, optional=False):
+    if value is None and optional:
+        return None
+    check.tensor(name, value, check.FLOAT_DTYPES, "a floating-point tensor (float32, bfloat16, float16 or float64)")
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} like {ref_name}, got {tuple(value.shape)}")
+    if ref is not None:
+        check.same_device(name, value, ref_name, ref)
+    return value
+
+
+def _batch(values_name, values, mask):
+    _float_tensor(values_name, values)
+    if values.dim() != 2:
+        raise ValueError(f"{values_name} must have shape [B, T] (padded layout), got {tuple(values.shape)}")
+    check.tensor("mask", mask, MASK_DTYPES, "a bool, integer or floating-point tensor")
+    if mask.shape != values.shape:
+        raise ValueError(f"mask must have shape {tuple(values.shape)} like {values_name}, got {tuple(mask.shape)}")
+    check.same_device("mask", mask, values_name, values)
+
+
+def _advantages(advantages, logp, required=True):
+    if advantages is None:
+        if required:
+            raise TypeError("advantages are required by mode='balanced' (the sign of each sequence), got None")
+        return None
+    _float_tensor("advantages", advantages)
+    B, T = logp.shape
+    if tuple(advantages.shape) not in ((B,), (B, T)):
+        raise ValueError(f"advantages must have shape [B] = ({B},) or [B, T] = ({B}, {T}), got {tuple(advantages.shape)}")
+    check.same_device("advantages", advantages, "logp", logp)
+    return advantages
+
+
+def _group_ids(group_ids, values):
+    if group_ids is None:
+        return None
+    check.tensor("group_ids", group_ids, check.INDEX_DTYPES)
+    if tuple(group_ids.shape) != (values.shape[0],):
+        raise ValueError(f"group_ids must have shape [B] = ({values.shape[0]},), got {tuple(group_ids.shape)}")
+    check.same_device("group_ids", group_ids, "values", values)
+    return group_ids
+
+
+# ---------------------------------------------------------------------------------------------
+# public functions
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3", *, backend: str | None = None):
+    r"""Per-token KL estimate between the policy and a reference policy.
+
+    With :math:`x` = ``logp``, :math:`r` = ``ref_logp`` and :math:`d = r - x` (Schulman's
+    estimators; shared/OBJECTIVES.md):
+
+    - ``"k1"``: :math:`x - r`; ``"abs"``: :math:`|x - r|`; ``"k2"``: :math:`\tfrac12 (x - r)^2`;
+    - ``"k3"``: :math:`e^{d} - d - 1`, unclamped, as TRL's GRPO (overflows to inf for
+      :math:`d \gtrsim 88` in float32);
+    - ``"low_var_kl"``: verl's clamped k3 (:math:`d` clamped to [-20, 20], the value to [-10, 10]);
+      verl's own names ``"k3"`` and ``"low_var_kl"`` both mean this one
+      (:func:`fusedrl.presets.verl_kl` translates verl's names);
+    - ``"<kind>+"`` (``k1+``, ``abs+``, ``k2+``, ``k3+``, ``low_var_kl+``): verl's straight-through
+      estimator, the value of ``<kind>`` with the gradient of k2:
+      :math:`k_2 - \mathrm{sg}(k_2) + \mathrm{sg}(k)`.
+
+    Args:
+        logp, ref_logp: float tensors of the same shape (any shape, any float dtype).
+        kind: the estimator.
+        backend: see :mod:`fusedrl.dispatch` (only ``"torch"`` implements it yet).
+
+    Returns:
+        The per-token estimate, float32 (float64 for float64 input), differentiable w.r.t. both.
+    """
+    _float_tensor("logp", logp)
+    _float_tensor("ref_logp", ref_logp, logp.shape, ref=logp)
+    params = KLParams(kind=_choice("kind", kind, KL_KINDS))
+    dispatch.select("kl_penalty", ("torch",), logp.device, logp.dtype, backend)
+    return _ref_kl.kl_penalty(logp, ref_logp, params.kind)
+
+
+def aggregate(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = "token-mean",
+    *,
+    num_tokens=None,
+    num_sequences=None,
+    max_length=None,
+    advantages: torch.Tensor | None = None,
+    group_ids: torch.Tensor | None = None,
+    num_groups=None,
+    exclude_empty_rows: bool = False,
+    backend: str | None = None,
+):
+    r"""Aggregate per-token values [B, T] under a mask into a scalar loss.
+
+    With :math:`m` the mask (bool/int, or float per-token weights) and :math:`|y_i| = \sum_t m_{it}`:
+
+    - ``"token-mean"``: :math:`\sum m l / N`, :math:`N` = ``num_tokens`` or :math:`\sum m`
+      (verl; TRL ``bnpo``, and ``dapo``/``cispo`` with ``num_tokens`` = TRL's ``num_items_in_batch``
+      rescaled, see :func:`policy_loss`);
+    - ``"token-sum"``: :math:`\sum m l`;
+    - ``"seq-mean-token-mean"``: :math:`\frac1S \sum_i \sum_t m l / |y_i|` (TRL ``grpo``);
+    - ``"seq-mean-token-sum"``: :math:`\frac1S \sum_i \sum_t m l` (TRL ``luspo``);
+    - ``"seq-mean-token-sum-norm"``: :math:`\sum m l / (S L)`, :math:`L` = ``max_length`` or T
+      (Dr. GRPO; TRL ``dr_grpo`` with ``max_length=max_completion_length``; verl
+      ``loss_scale_factor``);
+    - ``"balanced"`` (seed "Balanced Aggregation"; our reading): per group (``group_ids``, else
+      the whole batch), :math:`L_g = \frac{n_+}{n} \bar l_+ + \frac{n_-}{n} \bar l_-` with
+      :math:`n_\pm` the sequences of positive / negative ``advantages`` and :math:`\bar l_\pm` the
+      token means over them (an empty side gives 0); the loss is :math:`\frac1G \sum_g L_g`,
+      :math:`G` = ``num_groups`` or the number of groups with a signed sequence.
+
+    :math:`S` = ``num_sequences``, else B (every row, TRL), else with ``exclude_empty_rows`` the rows
+    holding a valid token (verl). A zero count divides as 1: a fully masked batch gives exactly 0
+    and zero gradients.
+
+    Invariance law: pass the global counts (``num_tokens``, ``num_sequences``, ``max_length``;
+    ``num_groups`` for balanced, with each group kept whole) and the losses of the micro-batches and
+    data-parallel ranks sum to the full-batch loss, their gradients to its gradient. verl's
+    ``agg_loss(..., dp_size=D, batch_num_tokens=N, global_batch_size=S, loss_scale_factor=L)`` is
+    ``D *`` this with ``num_tokens=N, num_sequences=S, max_length=L, exclude_empty_rows=True``.
+
+    Args:
+        values: float [B, T].
+        mask: bool, integer or float [B, T].
+        mode: one of the modes above.
+        num_tokens, num_sequences, max_length, num_groups: global counts (numbers or one-element
+            tensors); None means the local count.
+        advantages: [B] or [B, T]; required by ``"balanced"`` (their signs).
+        group_ids: int [B], any integer ids; used by ``"balanced"``.
+        exclude_empty_rows: verl's rule for the default S of the seq-mean modes.
+        backend: see :mod:`fusedrl.dispatch`.
+
+    Returns:
+        A 0-dim float32 tensor (float64 for float64 values).
+    """
+    _batch("values", values, mask)
+    params = AggregateParams(
+        mode=_choice("mode", mode, AGGREGATIONS), exclude_empty_rows=check.boolean("exclude_empty_rows", exclude_empty_rows)
+    )
+    advantages = _advantages(advantages, values, required=params.mode == "balanced")
+    group_ids = _group_ids(group_ids, values)
+    counts = dict(
+        num_tokens=_count("num_tokens", num_tokens),
+        num_sequences=_count("num_sequences", num_sequences),
+        max_length=_count("max_length", max_length, positive=True),
+        num_groups=_count("num_groups", num_groups),
+    )
+    dispatch.select("aggregate", ("torch",), values.device, values.dtype, backend)
+    return _ref_aggregate.aggregate(
+        values, mask, params.mode, advantages=advantages, group_ids=group_ids,
+        exclude_empty_rows=params.exclude_empty_rows, **counts,
+    )
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    surrogate: str = "clip",
+    ratio: str = "token",
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    clip_ratio_c: float | None = None,
+    delta: float | None = None,
+    ref_logp: torch.Tensor | None = None,
+    beta: float = 0.0,
+    kl: str = "k3",
+    use_bias_correction_kl: bool = False,
+    rollout_logp: torch.Tensor | None = None,
+    rollout_correction: str | None = None,
+    rollout_cap: float | None = 3.0,
+    rollout_cap_low: float | None = None,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    aggregation: str = "token-mean",
+    num_tokens=None,
+    num_sequences=None,
+    max_length=None,
+    group_ids: torch.Tensor | None = None,
+    num_groups=None,
+    exclude_empty_rows: bool = False,
+    kl_aggregation: str | None = None,
+    entropy_aggregation: str | None = None,
+    cispo_bounds: str = "upper",
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
+    hybrid_mixing: str = "average",
+    hybrid_alpha: float = 0.5,
+    seq_clip_low: float | None = None,
+    seq_clip_high: float | None = None,
+    log_ratio_clamp: float | None = 20.0,
+    backend: str | None = None,
+):
+    r"""Policy-gradient loss (PPO, GRPO, DAPO, Dr. GRPO, GSPO, CISPO, SAPO, GMPO, GPG, CTPO, DHPO, ...)
+    of token log-probs in the padded [B, T] layout. Returns ``(loss, metrics)``.
+
+    Notation: :math:`x` = ``logp`` (the only input with a gradient), :math:`o` = ``old_logp``,
+    :math:`r` = ``ref_logp``, :math:`\mu` = ``rollout_logp``, :math:`\rho = x - o`, :math:`A` =
+    ``advantages``, :math:`m` = ``mask``, :math:`|y_i| = \sum_t m_{it}`, sg = stop-gradient.
+    ``old_logp``, ``ref_logp``, ``rollout_logp`` and ``advantages`` are treated as constants
+    (detached); ``old_logp=None`` means ``logp.detach()`` (on-policy, as TRL). ``entropy`` keeps its
+    gradient (the entropy bonus needs it). Each token's loss is, in TRL's order:
+
+    1. **Ratio** ``ratio`` (log-weights clamped to :math:`\pm` ``log_ratio_clamp`` before every exp;
+       verl/OpenRLHF clamp to 20; None disables):
+
+       - ``"token"``: :math:`w_{it} = e^{\rho_{it}}`;
+       - ``"sequence"`` (GSPO; TRL ``importance_sampling_level="sequence"``):
+         :math:`s_i = \exp(\sum_t m\rho / \max(|y_i|, 1))` for every token of row i;
+       - ``"sequence-token"`` (GSPO-token, verl ``gspo``):
+         :math:`\log w_{it} = \min(\mathrm{sg}(\log s_i) + x_{it} - \mathrm{sg}(x_{it}), 10)`;
+       - ``"cumulative"`` (CTPO; our reading): :math:`w_{it} = e^{c_{it}}`,
+         :math:`c_{it} = \sum_{t' \le t} m \rho_{it'}`, its trust region the position-adaptive clip
+         of :math:`c_{it}` to :math:`[\sqrt{n_{it}} \log(1 - \epsilon_{low}),
+         \sqrt{n_{it}} \log(1 + \epsilon_{high})]`, :math:`n_{it} = \sum_{t' \le t} m`;
+       - ``"hybrid"`` (DHPO; our reading): :math:`w = a w_{token} + (1 - a) s_i`, its trust region
+         :math:`a\,\mathrm{clip}(w_{token}, 1 \mp \epsilon) + (1 - a)\,\mathrm{clip}(s_i, 1 \mp
+         \epsilon_{seq})` (``seq_clip_low`` / ``seq_clip_high``, default ``clip_low`` /
+         ``clip_high``); ``hybrid_mixing="average"``: :math:`a` = ``hybrid_alpha`` (0.5);
+         ``"entropy"``: :math:`a_{it} = H_{it} / \max_{t'} H_{it'}` from ``entropy`` (no gradient).
+
+       Elsewhere the trust region is :math:`\mathrm{clip}(w, 1 - \epsilon_{low}, 1 + \epsilon_{high})`
+       with :math:`\epsilon_{low}` = ``clip_low``, :math:`\epsilon_{high}` = ``clip_high`` (None:
+       ``clip_low``).
+    2. **Surrogate** ``surrogate``:
+
+       - ``"clip"``: :math:`-\min(\tilde w A, \mathrm{clip}(w) A)`, :math:`\tilde w = \min(w, \delta)`
+         when ``delta`` is set (TRL's two-sided clip); dual clip (verl ``vanilla``) with
+         ``clip_ratio_c`` = c > 1: :math:`\min(\cdot, -A c)` where :math:`A < 0`;
+       - ``"cispo"``: :math:`-\mathrm{sg}(\mathrm{clip}(w)) A x`; ``cispo_bounds="upper"`` (TRL):
+         :math:`\min(w, 1 + \epsilon_{high})`; ``"both"`` (verl): the two-sided clip;
+       - ``"sapo"`` (TRL, verl): :math:`-\frac{4}{\tau}\sigma(\tau (w - 1)) A`, :math:`\tau` =
+         ``tau_pos`` if :math:`A > 0` else ``tau_neg``;
+       - ``"geo_mean"`` (GMPO, verl ``geo_mean``; ``ratio="token"`` only): every token of row i
+         carries :math:`-\bar A_i \exp(\mathrm{mean}_t \tilde\rho)`, :math:`\tilde\rho =
+         \mathrm{sgn}(A)\min(\mathrm{sgn}(A)\rho, \mathrm{sgn}(A)\mathrm{clip}(\rho, -\epsilon_{low},
+         \epsilon_{high}))`, :math:`\bar A_i` the row mean of A; with
+         ``aggregation="seq-mean-token-mean"`` it is verl's mean over rows;
+       - ``"reinforce"``: :math:`-w A`; ``"gpg"`` (verl ``gpg``): :math:`-A x`.
+    3. **Rollout correction** ``rollout_correction`` (train/inference mismatch; TRL
+       ``vllm_importance_sampling_mode``, verl ``rollout_is``), a weight without gradient from
+       :math:`q = e^{o - \mu}` per token or :math:`Q_i = e^{\sum_t m (o - \mu)}` per row:
+       ``"token_truncate"`` / ``"sequence_truncate"``: clamp(q, ``rollout_cap_low``,
+       ``rollout_cap``); ``"token_mask"`` / ``"sequence_mask"``: q where ``rollout_cap_low``
+       :math:`\le q \le` ``rollout_cap``, else 0 (TRL keeps the ratio on kept tokens);
+       ``"icepop"``: ``token_mask`` with both bounds required (verl ``"lower_upper"``).
+       For ``geo_mean`` the weights enter as the row's geometric mean (verl).
+    4. **KL**: :math:`+\beta\,\mathrm{KL}` with the estimator ``kl`` (:func:`kl_penalty`; ``"k3"`` is
+       TRL's unclamped one, verl's ``"k3"`` is ``"low_var_kl"``), times :math:`w` when
+       ``use_bias_correction_kl`` (TRL; its gradient is then :math:`w (x - r)`).
+    5. **Entropy**: :math:`-` ``entropy_coef`` :math:`\cdot H`.
+
+    Then :func:`aggregate` by ``aggregation`` with ``num_tokens`` / ``num_sequences`` /
+    ``max_length`` / ``group_ids`` / ``num_groups`` / ``exclude_empty_rows``. When
+    ``kl_aggregation`` (``entropy_aggregation``) is set, that term is left out of step 4 (5) and
+    aggregated on its own by that mode (verl aggregates both with ``loss_agg_mode``; TRL's entropy
+    bonus is a token mean whatever the loss type).
+
+    **Scaling: fusedrl losses add up.** With global counts, the losses of the micro-batches and
+    data-parallel ranks sum to the full-batch loss (and gradients). DDP averages gradients over the
+    D ranks, so TRL and verl multiply by D to undo it; fusedrl's core does not:
+
+    - verl: ``fusedrl = verl(dp_size=D) / D`` with ``num_tokens`` = verl's ``batch_num_tokens``
+      (global valid tokens), ``num_sequences`` = ``global_batch_size``, ``max_length`` =
+      ``loss_scale_factor``, and ``exclude_empty_rows=True`` (:func:`fusedrl.presets.verl` sets it).
+    - TRL (per rank, gradient-accumulation steps G, D processes): ``grpo``/``sapo``/``dr_grpo``/
+      ``luspo`` divide the local loss by G: ``num_sequences`` = B G (``dr_grpo`` also
+      ``max_length`` = ``max_completion_length``); ``bnpo``: ``num_tokens`` = G times the local
+      token count; ``dapo``/``cispo``: TRL divides by ``num_items_in_batch / D * G /
+      steps_per_generation``, i.e. ``num_tokens = num_items_in_batch * G / (D *
+      steps_per_generation)`` reproduces one rank's TRL loss; when ``steps_per_generation`` = G,
+      ``num_items_in_batch`` is the global token count of the optimizer step and
+      ``num_tokens=num_items_in_batch`` (the invariant choice) gives TRL's loss divided by D.
+
+    Layout and edge cases: padded [B, T] only (packed layouts come with the kernels). Padded tokens
+    (m = 0) never contribute, whatever their values (inf or NaN included), and get an exact zero
+    gradient; a fully masked batch gives exactly 0 with zero gradients; log-ratios of
+    :math:`\pm 10^4` give a finite loss and gradient for every surrogate and ratio level (the
+    clamp zeroes the gradient through a saturated weight). Float masks are per-token weights
+    (counts become sums of weights).
+
+    Args:
+        logp, old_logp: float [B, T] (``old_logp`` may be None).
+        advantages: float [B] (per sequence) or [B, T] (per token).
+        mask: bool, int or float [B, T].
+        ref_logp, rollout_logp, entropy: float [B, T] or None.
+        group_ids: int [B] (``aggregation="balanced"``).
+        backend: see :mod:`fusedrl.dispatch` (only ``"torch"`` implements it yet).
+        Other keywords: as described above.
+
+    Returns:
+        ``(loss, metrics)``: a 0-dim float32 loss (float64 for float64 ``logp``) and a dict of
+        0-dim local token means without gradient: ``clipfrac_low`` (tokens with A < 0 whose
+        trust region is active from below), ``clipfrac_high`` (A > 0, from above), ``ratio_mean``,
+        ``kl_mean`` (with ``ref_logp``; the estimate after bias correction), ``entropy_mean`` (with
+        ``entropy``), ``clipfrac_dual`` (with ``clip_ratio_c``), ``rollout_weight_mean`` (with a
+        rollout correction).
+    """
+    _batch("logp", logp, mask)
+    _float_tensor("old_logp", old_logp, logp.shape, ref=logp, optional=True)
+    _advantages(advantages, logp)
+    _float_tensor("ref_logp", ref_logp, logp.shape, ref=logp, optional=True)
+    _float_tensor("rollout_logp", rollout_logp, logp.shape, ref=logp, optional=True)
+    _float_tensor("entropy", entropy, logp.shape, ref=logp, optional=True)
+    group_ids = _group_ids(group_ids, logp)
+
+    params = PolicyParams(
+        surrogate=_choice("surrogate", surrogate, SURROGATES),
+        ratio=_choice("ratio", ratio, RATIOS),
+        clip_low=_real("clip_low", clip_low, minimum=0.0),
+        clip_high=_real("clip_high", clip_low if clip_high is None else clip_high, minimum=-1.0, exclusive=True),
+        clip_ratio_c=_real("clip_ratio_c", clip_ratio_c, minimum=1.0, exclusive=True, optional=True),
+        delta=_real("delta", delta, minimum=0.0, exclusive=True, optional=True),
+        beta=_real("beta", beta),
+        kl=_choice("kl", kl, KL_KINDS),
+        use_bias_correction_kl=check.boolean("use_bias_correction_kl", use_bias_correction_kl),
+        rollout_correction=_choice("rollout_correction", rollout_correction, (None,) + ROLLOUT_CORRECTIONS),
+        rollout_cap=_real("rollout_cap", rollout_cap, minimum=0.0, exclusive=True, optional=True),
+        rollout_cap_low=_real("rollout_cap_low", rollout_cap_low, minimum=0.0, optional=True),
+        entropy_coef=_real("entropy_coef", entropy_coef),
+        aggregation=_choice("aggregation", aggregation, AGGREGATIONS),
+        kl_aggregation=_choice("kl_aggregation", kl_aggregation, (None,) + AGGREGATIONS),
+        entropy_aggregation=_choice("entropy_aggregation", entropy_aggregation, (None,) + AGGREGATIONS),
+        exclude_empty_rows=check.boolean("exclude_empty_rows", exclude_empty_rows),
+        cispo_bounds=_choice("cispo_bounds", cispo_bounds, _ref_policy.CISPO_BOUNDS),
+        tau_pos=_real("tau_pos", tau_pos, minimum=0.0, exclusive=True),
+        tau_neg=_real("tau_neg", tau_neg, minimum=0.0, exclusive=True),
+        hybrid_mixing=_choice("hybrid_mixing", hybrid_mixing, _ref_policy.HYBRID_MIXINGS),
+        hybrid_alpha=_real("hybrid_alpha", hybrid_alpha, minimum=0.0, maximum=1.0),
+        seq_clip_low=_real("seq_clip_low", seq_clip_low, minimum=0.0, optional=True),
+        seq_clip_high=_real("seq_clip_high", seq_clip_high, minimum=-1.0, exclusive=True, optional=True),
+        log_ratio_clamp=_real("log_ratio_clamp", log_ratio_clamp, minimum=0.0, exclusive=True, optional=True),
+    )
+    _check_policy_combination(params, ref_logp, rollout_logp, entropy)
+    counts = dict(
+        num_tokens=_count("num_tokens", num_tokens),
+        num_sequences=_count("num_sequences", num_sequences),
+        max_length=_count("max_length", max_length, positive=True),
+        num_groups=_count("num_groups", num_groups),
+    )
+    dispatch.select("policy_loss", ("torch",), logp.device, logp.dtype, backend)
+    return _ref_policy.policy_loss(
+        logp, old_logp, advantages, mask, ref_logp=ref_logp, rollout_logp=rollout_logp, entropy=entropy,
+        group_ids=group_ids, **counts, **dataclasses.asdict(params),
+    )
+
+
+def _check_policy_combination(p: PolicyParams, ref_logp, rollout_logp, entropy) -> None:
+    """Options that only make sense together."""
+    if p.delta is not None and p.surrogate != "clip":
+        raise ValueError(f"delta applies to surrogate='clip' only, got surrogate={p.surrogate!r}")
+    if p.clip_ratio_c is not None and p.surrogate != "clip":
+        raise ValueError(f"clip_ratio_c (dual clip) applies to surrogate='clip' only, got surrogate={p.surrogate!r}")
+    if p.surrogate == "geo_mean" and p.ratio != "token":
+        raise ValueError(f"surrogate='geo_mean' defines its own sequence ratio: ratio must be 'token', got {p.ratio!r}")
+    two_sided = p.surrogate in ("clip", "geo_mean") or (p.surrogate == "cispo" and p.cispo_bounds == "both")
+    if two_sided and p.clip_low + p.clip_high < 0:
+        raise ValueError(
+            f"clip_high must be >= -clip_low (the interval [1 - clip_low, 1 + clip_high] is empty), got {p.clip_high}"
+        )
+    if p.ratio == "hybrid" and two_sided:
+        lo = p.clip_low if p.seq_clip_low is None else p.seq_clip_low
+        hi = p.clip_high if p.seq_clip_high is None else p.seq_clip_high
+        if lo + hi < 0:
+            raise ValueError(f"seq_clip_high must be >= -seq_clip_low, got seq_clip_low={lo}, seq_clip_high={hi}")
+    if p.ratio == "cumulative" and p.clip_low >= 1.0:
+        raise ValueError(f"ratio='cumulative' needs clip_low < 1 (its bound is log(1 - clip_low)), got {p.clip_low}")
+    if p.beta != 0.0 and ref_logp is None:
+        raise ValueError(f"beta={p.beta} needs ref_logp")
+    if p.entropy_coef != 0.0 and entropy is None:
+        raise ValueError(f"entropy_coef={p.entropy_coef} needs entropy")
+    if p.ratio == "hybrid" and p.hybrid_mixing == "entropy" and entropy is None:
+        raise ValueError("hybrid_mixing='entropy' needs entropy")
+    if p.rollout_correction is not None:
+        if rollout_logp is None:
+            raise ValueError(f"rollout_correction={p.rollout_correction!r} needs rollout_logp")
+        if p.rollout_correction == "icepop" and (p.rollout_cap is None or p.rollout_cap_low is None):
+            raise ValueError("rollout_correction='icepop' needs both rollout_cap_low and rollout_cap")
+        if p.rollout_correction.endswith("truncate") and p.rollout_cap is None and p.rollout_cap_low is None:
+            raise ValueError(f"rollout_correction={p.rollout_correction!r} needs rollout_cap or rollout_cap_low")
+        if p.rollout_cap is not None and p.rollout_cap_low is not None and p.rollout_cap_low > p.rollout_cap:
+            raise ValueError(f"rollout_cap_low must be <= rollout_cap, got {p.rollout_cap_low} > {p.rollout_cap}")
+
+
+from fusedrl import presets  # noqa: E402, F401  (makes fusedrl.presets reachable after `import fusedrl`)
