@@ -4,21 +4,30 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 namespace fusedrl {
 namespace cpu {
 
 enum IsaLevel : int { kIsaBaseline = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
 
+// The widest level this CPU supports, lowered by the environment variable FUSEDRL_CPU_ISA
+// (baseline | avx2 | avx512), read once at the first kernel call (tests run every variant).
 inline int isa_level() {
 #if defined(__x86_64__) && defined(__GNUC__)
   static const int level = [] {
     __builtin_cpu_init();
+    int best = kIsaBaseline;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl"))
-      return int(kIsaAvx512);
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return int(kIsaAvx2);
-    return int(kIsaBaseline);
+      best = kIsaAvx512;
+    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      best = kIsaAvx2;
+    const char* want = std::getenv("FUSEDRL_CPU_ISA");
+    if (want && std::strcmp(want, "baseline") == 0) return int(kIsaBaseline);
+    if (want && std::strcmp(want, "avx2") == 0) return best < kIsaAvx2 ? best : int(kIsaAvx2);
+    return best;
   }();
   return level;
 #else

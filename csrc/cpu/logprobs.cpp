@@ -35,6 +35,15 @@ template <> FUSEDRL_HD void store<double>(double* p, int64_t i, double v) { p[i]
 template <> FUSEDRL_HD void store<bf16_t>(bf16_t* p, int64_t i, float v) { p[i] = from_float<bf16_t>(v); }
 template <> FUSEDRL_HD void store<f16_t>(f16_t* p, int64_t i, float v) { p[i] = from_float<f16_t>(v); }
 
+// The label's scaled logit, rounded on its own: the build contracts a * b - c into FMAs, and a
+// call it cannot inline is the portable way to keep this product out of the following x - max,
+// so that x - max is exact (the label at the max gives log p = -log s exactly, as in torch).
+template <typename T>
+__attribute__((noinline)) typename Acc<T>::type label_logit(const T* z, int64_t label,
+                                                            typename Acc<T>::type inv_temp) {
+  return mul_rn(load(z, label), inv_temp);
+}
+
 // One row's softmax statistics. Returns false when the row holds a NaN.
 template <typename T>
 FUSEDRL_HD bool row_stats(const T* z, int64_t V, typename Acc<T>::type inv_temp,
@@ -111,7 +120,7 @@ FUSEDRL_HD void fwd_rows(const LogprobArgs& a, int64_t r0, int64_t r1) {
     const acc_t log_norm = finite ? log_norm_value(st) : nan;
     max_out[r] = st.m;
     norm_out[r] = log_norm;
-    logp[r] = logprob_value(mul_rn(load(z, label), inv_temp), st.m, log_norm);
+    logp[r] = logprob_value(label_logit(z, label, inv_temp), st.m, log_norm);
     if (ent) ent[r] = finite ? entropy_value(st) : nan;
   }
 }
@@ -143,7 +152,7 @@ FUSEDRL_HD void bwd_rows(const LogprobArgs& a, int64_t r0, int64_t r1) {
     for (int64_t v = 0; v < a.V; ++v) {
       store(g, v, logprob_grad(mul_rn(load(z, v), inv_temp), m, log_norm, h, false, g_lp, g_h, inv_temp));
     }
-    store(g, label, logprob_grad(mul_rn(load(z, label), inv_temp), m, log_norm, h, true, g_lp, g_h, inv_temp));
+    store(g, label, logprob_grad(label_logit(z, label, inv_temp), m, log_norm, h, true, g_lp, g_h, inv_temp));
   }
 }
 

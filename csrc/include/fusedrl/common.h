@@ -78,9 +78,10 @@ template <> FUSEDRL_HD f16_t from_float<f16_t>(float x) {
 template <> FUSEDRL_HD double from_float<double>(float x) { return x; }
 
 // ---- the scaled logit x = z * (1/T), rounded on its own ----
-// Never fused with a following add or subtract (the CPU build uses -ffp-contract=off; on the
-// device __fmul_rn is never contracted), so a row's max and the label's x - max are formed from
-// the same rounded numbers: the label at the max gives exactly x - m = 0, as in torch.
+// On the device __fmul_rn is never contracted into an FMA with a following subtraction, so a
+// row's max and the label's x - max are formed from the same rounded numbers: the label at the
+// max gives exactly x - m = 0, as in torch. (The CPU kernel gets the same guarantee for the label
+// from a non-inlined call: see label_logit in csrc/cpu/logprobs.cpp.)
 FUSEDRL_HD float mul_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fmul_rn(a, b);
@@ -101,13 +102,13 @@ FUSEDRL_HD double mul_rn(double a, double b) {
 // branch-free Cody-Waite reduction with the Cephes degree-6 polynomial (about 1 ulp), so the
 // loops that call it vectorize without -ffast-math or libmvec. Arguments below -87.3 give 0
 // (the true value is below FLT_MIN and is negligible next to any sum that holds the max term);
-// NaN propagates.
+// NaN propagates. Arguments above 0 are not expected (the result is then inexact).
 FUSEDRL_HD float exp_nonpos(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
 #else
   const float lo = -87.3f;
-  const float xc = x < lo ? lo : (x > 0.f ? 0.f : x);
+  const float xc = x < lo ? lo : x;  // callers pass x <= 0 (a shift below a max)
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
   const float n = (xc * 1.44269504088896341f + magic) - magic;
   const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
@@ -119,8 +120,7 @@ FUSEDRL_HD float exp_nonpos(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const float scale = bits_to_float(uint32_t(int32_t(n) + 127) << 23);
-  const float y = p * scale;
-  return (x < lo) ? 0.0f : ((x != x) ? x : y);
+  return (x < lo) ? 0.0f : p * scale;  // a NaN x gives a NaN p, hence a NaN result
 #endif
 }
 // float64: shifts at or below -128 (the clamp of clamp_shift in logprobs.h) give exactly 0, as
