@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh "test,peers,bench"
-exec "${FUSEDRL_VENV:-.venv}/bin/python" -m pytest -q -p no:cacheprovider tests "$@"
+exec "${FUSEDRL_VENV:-.venv}/bin/python" -m pytest -p no:cacheprovider tests "$@"
