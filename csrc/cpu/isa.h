@@ -46,23 +46,26 @@ inline const char* isa_name() {
 }  // namespace cpu
 }  // namespace fusedrl
 
-// Defines NAME() returning the variant of `void NAME_xxx(ARGS)` (which calls BODY<T>) for this CPU.
+// Defines NAME() returning the variant of `void NAME_xxx(const ARGS& a, int64_t r0, int64_t r1)`
+// (each calling BODY<T>(a, r0, r1)) for this CPU: the same body compiled for AVX-512, AVX2+FMA and
+// the baseline ISA. Keep OpenMP regions outside BODY, so the hot loops are in the chosen variant.
 #if defined(__x86_64__) && defined(__GNUC__)
-#define FUSEDRL_ISA_VARIANTS(FnType, NAME, BODY, T)                                                  \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))) void NAME##_avx512(          \
-      const LogprobArgs& a, int64_t r0, int64_t r1) { BODY<T>(a, r0, r1); }                       \
-  __attribute__((target("avx2,fma,f16c"))) void NAME##_avx2(const LogprobArgs& a, int64_t r0,    \
-                                                            int64_t r1) { BODY<T>(a, r0, r1); }  \
-  void NAME##_base(const LogprobArgs& a, int64_t r0, int64_t r1) { BODY<T>(a, r0, r1); }          \
-  FnType NAME() {                                                                                 \
-    switch (::fusedrl::cpu::isa_level()) {                                                        \
-      case ::fusedrl::cpu::kIsaAvx512: return NAME##_avx512;                                      \
-      case ::fusedrl::cpu::kIsaAvx2: return NAME##_avx2;                                          \
-      default: return NAME##_base;                                                                \
-    }                                                                                             \
+#define FUSEDRL_ISA_VARIANTS(NAME, ARGS, BODY, T)                                                     \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))) void NAME##_avx512(           \
+      const ARGS& a, int64_t r0, int64_t r1) { BODY<T>(a, r0, r1); }                              \
+  __attribute__((target("avx2,fma,f16c"))) void NAME##_avx2(const ARGS& a, int64_t r0, int64_t r1) { \
+    BODY<T>(a, r0, r1);                                                                            \
+  }                                                                                                \
+  void NAME##_base(const ARGS& a, int64_t r0, int64_t r1) { BODY<T>(a, r0, r1); }                  \
+  auto NAME() -> void (*)(const ARGS&, int64_t, int64_t) {                                         \
+    switch (::fusedrl::cpu::isa_level()) {                                                         \
+      case ::fusedrl::cpu::kIsaAvx512: return NAME##_avx512;                                       \
+      case ::fusedrl::cpu::kIsaAvx2: return NAME##_avx2;                                           \
+      default: return NAME##_base;                                                                 \
+    }                                                                                              \
   }
 #else
-#define FUSEDRL_ISA_VARIANTS(FnType, NAME, BODY, T)                                             \
-  void NAME##_base(const LogprobArgs& a, int64_t r0, int64_t r1) { BODY<T>(a, r0, r1); }     \
-  FnType NAME() { return NAME##_base; }
+#define FUSEDRL_ISA_VARIANTS(NAME, ARGS, BODY, T)                                       \
+  void NAME##_base(const ARGS& a, int64_t r0, int64_t r1) { BODY<T>(a, r0, r1); }     \
+  auto NAME() -> void (*)(const ARGS&, int64_t, int64_t) { return NAME##_base; }
 #endif

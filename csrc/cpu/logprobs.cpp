@@ -160,14 +160,14 @@ FUSEDRL_HD void bwd_rows(const LogprobArgs& a, int64_t r0, int64_t r1) {
 // so the hot loops are compiled for the chosen ISA.
 using RowsFn = void (*)(const LogprobArgs&, int64_t, int64_t);
 
-FUSEDRL_ISA_VARIANTS(RowsFn, fwd_f32, fwd_rows, float)
-FUSEDRL_ISA_VARIANTS(RowsFn, fwd_bf16, fwd_rows, bf16_t)
-FUSEDRL_ISA_VARIANTS(RowsFn, fwd_f16, fwd_rows, f16_t)
-FUSEDRL_ISA_VARIANTS(RowsFn, fwd_f64, fwd_rows, double)
-FUSEDRL_ISA_VARIANTS(RowsFn, bwd_f32, bwd_rows, float)
-FUSEDRL_ISA_VARIANTS(RowsFn, bwd_bf16, bwd_rows, bf16_t)
-FUSEDRL_ISA_VARIANTS(RowsFn, bwd_f16, bwd_rows, f16_t)
-FUSEDRL_ISA_VARIANTS(RowsFn, bwd_f64, bwd_rows, double)
+FUSEDRL_ISA_VARIANTS(fwd_f32, LogprobArgs, fwd_rows, float)
+FUSEDRL_ISA_VARIANTS(fwd_bf16, LogprobArgs, fwd_rows, bf16_t)
+FUSEDRL_ISA_VARIANTS(fwd_f16, LogprobArgs, fwd_rows, f16_t)
+FUSEDRL_ISA_VARIANTS(fwd_f64, LogprobArgs, fwd_rows, double)
+FUSEDRL_ISA_VARIANTS(bwd_f32, LogprobArgs, bwd_rows, float)
+FUSEDRL_ISA_VARIANTS(bwd_bf16, LogprobArgs, bwd_rows, bf16_t)
+FUSEDRL_ISA_VARIANTS(bwd_f16, LogprobArgs, bwd_rows, f16_t)
+FUSEDRL_ISA_VARIANTS(bwd_f64, LogprobArgs, bwd_rows, double)
 #undef FUSEDRL_ISA_VARIANTS
 
 void run_rows(RowsFn fn, const LogprobArgs& a) {
