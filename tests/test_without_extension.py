@@ -31,3 +31,24 @@ def test_import_and_fallback_without_extension(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+CHILD_NO_TRITON = r"""
+import sys, warnings
+sys.modules["triton"] = None  # as if triton were not installed
+import torch, fusedrl
+report = fusedrl.backends()
+assert report["triton"] and "triton is not installed" in report["triton"], report
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    logp = fusedrl.token_logprobs(torch.zeros(2, 4), torch.tensor([0, 3]), backend="triton")
+assert any("backend 'triton' declined" in str(w.message) for w in caught)
+assert torch.allclose(logp, torch.full((2,), -torch.log(torch.tensor(4.0))))
+print("ok")
+"""
+
+
+def test_import_and_fallback_without_triton():
+    out = subprocess.run([sys.executable, "-c", CHILD_NO_TRITON], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
