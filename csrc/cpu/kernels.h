@@ -22,7 +22,7 @@ struct LogprobArgs {
   void* log_norm = nullptr;       // forward out [N]: log sum_v exp(z_v / T - row_max); backward in
   const void* grad_logp = nullptr;     // backward in [N] (null: zero)
   const void* grad_entropy = nullptr;  // backward in [N] (null: zero)
-  void* grad_logits = nullptr;    // backward out [N, V] rows at grad_row_stride
+  void* grad_logits = nullptr;    // backward out [N, V] rows at grad_row_stride; may be logits itself
   int64_t grad_row_stride = 0;
   int64_t num_threads = 1;        // CPU only
 };

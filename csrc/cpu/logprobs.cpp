@@ -148,11 +148,14 @@ FUSEDRL_HD void bwd_rows(const LogprobArgs& a, int64_t r0, int64_t r1) {
     const T* z = logits + r * a.row_stride;
     const acc_t m = max_in[r], log_norm = norm_in[r];
     const acc_t h = ent_in ? ent_in[r] : acc_t(0);
+    // The label's gradient is formed before the row is written, so grad_logits may be the logits
+    // buffer itself (the fused linear path writes d logits over the chunk's logits in place).
+    const acc_t g_label = logprob_grad(label_logit(z, label, inv_temp), m, log_norm, h, true, g_lp, g_h, inv_temp);
 #pragma omp simd
     for (int64_t v = 0; v < a.V; ++v) {
       store(g, v, logprob_grad(mul_rn(load(z, v), inv_temp), m, log_norm, h, false, g_lp, g_h, inv_temp));
     }
-    store(g, label, logprob_grad(label_logit(z, label, inv_temp), m, log_norm, h, true, g_lp, g_h, inv_temp));
+    store(g, label, g_label);
   }
 }
 

@@ -6,6 +6,7 @@ Importing fusedrl is cheap: no extension, Triton or device query is loaded until
 from fusedrl.advantages import *  # noqa: F403  (each family module lists its public names in __all__)
 from fusedrl.dispatch import backends
 from fusedrl.functional import token_logprobs
+from fusedrl.linear import linear_logprobs
 from fusedrl.modules import *  # noqa: F403
 from fusedrl.policy import *  # noqa: F403
 from fusedrl.preference import *  # noqa: F403
@@ -13,4 +14,4 @@ from fusedrl import advantages as _advantages, modules as _modules, policy as _p
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "token_logprobs", "__version__", *_advantages.__all__, *_modules.__all__, *_policy.__all__, *_preference.__all__]
+__all__ = ["backends", "token_logprobs", "linear_logprobs", "__version__", *_advantages.__all__, *_modules.__all__, *_policy.__all__, *_preference.__all__]
