@@ -27,7 +27,7 @@ from fusedrl import dispatch, presets
 from fusedrl.policy import policy_loss
 from fusedrl.preference import preference_loss
 
-__all__ = ["PolicyLoss", "GRPOLoss", "DPOLoss"]
+__all__ = ["PolicyLoss", "GRPOLoss", "DPOLoss", "LinearPolicyLoss"]
 
 
 def _keyword_options(fn) -> tuple[str, ...]:
@@ -297,3 +297,70 @@ class DPOLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return _options_repr(self._options)
+
+
+class LinearPolicyLoss(PolicyLoss):
+    r"""The policy loss straight from hidden states and the language-model head, never holding
+    ``[N, V]`` logits: ``policy_loss(linear_logprobs(hidden, weight, labels, ...), old_logp, ...)``.
+
+    Args:
+        temperature: applied to the logits of the policy and of the reference (> 0).
+        chunk_size: tokens per chunk of :func:`fusedrl.linear_logprobs` (None: about 128 MiB of
+            logits per chunk).
+        **options: keyword options of :func:`fusedrl.policy_loss` (as :class:`PolicyLoss`).
+
+    ``forward(hidden, weight, labels, old_logp, advantages, mask, *, bias=None, ref_hidden=None,
+    ref_weight=None, ref_bias=None, ref_logp=None, rollout_logp=None, **per_call)`` ->
+    ``(loss, metrics)``: ``hidden`` is ``[B, T, H]``, ``weight`` ``[V, H]``, ``labels`` ``[B, T]``
+    (padded positions, ``mask == 0``, are skipped by the kernel). The reference log-probs come
+    either precomputed (``ref_logp``) or from the reference model's hidden states and head
+    (``ref_hidden``, ``ref_weight`` (default: ``weight``), ``ref_bias``), chunked the same way, at
+    the same temperature, without gradient. Entropies are computed in the same pass when the
+    options use them (``entropy_coef`` != 0 or ``hybrid_mixing="entropy"``). Gradients flow to
+    ``hidden``, ``weight`` and ``bias``.
+
+    This is the general (two-pass) path: the backward recomputes each chunk's logits.
+    """
+
+    def __init__(self, *, temperature: float = 1.0, chunk_size: int | None = None, ignore_index: int = -100, **options):
+        super().__init__(**options)
+        from fusedrl import _validate as check  # noqa: PLC0415
+
+        owner = type(self).__name__
+        self.temperature = _relabel(owner, lambda: check.positive_float("temperature", temperature))
+        self.ignore_index = _relabel(owner, lambda: check.integer("ignore_index", ignore_index))
+        if chunk_size is not None and _relabel(owner, lambda: check.integer("chunk_size", chunk_size)) < 1:
+            raise ValueError(f"{owner}: chunk_size must be >= 1, got {chunk_size}")
+        self.chunk_size = chunk_size
+
+    def _logps(self, hidden, weight, labels, bias, entropy: bool):
+        from fusedrl.linear import linear_logprobs  # noqa: PLC0415
+
+        return linear_logprobs(
+            hidden, weight, labels, bias=bias, temperature=self.temperature, ignore_index=self.ignore_index,
+            return_entropy=entropy, chunk_size=self.chunk_size, backend=self._options.get("backend"),
+        )
+
+    def forward(self, hidden, weight, labels, old_logp, advantages, mask, *, bias=None, ref_hidden=None,
+                ref_weight=None, ref_bias=None, ref_logp=None, **per_call):
+        owner = type(self).__name__
+        if not isinstance(mask, torch.Tensor) or not isinstance(labels, torch.Tensor):
+            raise TypeError(f"{owner}.forward: labels and mask must be tensors")
+        if mask.shape != labels.shape:
+            raise ValueError(f"{owner}.forward: mask must have the shape of labels {tuple(labels.shape)}, got {tuple(mask.shape)}")
+        labels = labels.masked_fill(mask == 0, self.ignore_index)  # padding: the kernel skips the row
+        wants_entropy = self._options.get("entropy_coef", 0.0) != 0.0 or self._options.get("hybrid_mixing") == "entropy"
+        out = self._logps(hidden, weight, labels, bias, wants_entropy)
+        logp, entropy = out if wants_entropy else (out, None)
+        if ref_hidden is not None:
+            if ref_logp is not None:
+                raise ValueError(f"{owner}.forward: pass ref_logp or ref_hidden, not both")
+            with torch.no_grad():
+                ref_logp = self._logps(ref_hidden, weight if ref_weight is None else ref_weight, labels, ref_bias, False)
+        elif ref_weight is not None or ref_bias is not None:
+            raise ValueError(f"{owner}.forward: ref_weight and ref_bias need ref_hidden")
+        if ref_logp is not None:
+            per_call["ref_logp"] = ref_logp
+        if entropy is not None:
+            per_call["entropy"] = entropy
+        return super().forward(logp, old_logp, advantages, mask, **per_call)
