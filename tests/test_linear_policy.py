@@ -27,21 +27,30 @@ def grads(loss, *tensors):
     return torch.autograd.grad(loss, tensors)
 
 
+OPTIONS = [
+    dict(aggregation="token-mean", beta=0.04, clip_high=0.28),
+    dict(aggregation="seq-mean-token-mean", entropy_coef=0.01),
+    dict(aggregation="seq-mean-token-sum-norm", ratio="sequence", max_length=7),
+    dict(surrogate="cispo", clip_high=4.0, aggregation="token-sum", beta=0.04, kl="low_var_kl"),
+    dict(aggregation="seq-mean-token-mean", beta=0.04, kl="low_var_kl", kl_aggregation="token-mean",
+         entropy_coef=0.01, entropy_aggregation="token-mean", clip_ratio_c=3.0, exclude_empty_rows=True),
+    dict(surrogate="sapo", aggregation="token-mean", num_tokens=40, beta=0.04, use_bias_correction_kl=True),
+    dict(surrogate="gpg", aggregation="seq-mean-token-sum", num_sequences=5),
+    dict(surrogate="reinforce", ratio="sequence-token", aggregation="token-mean"),
+]
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
-@pytest.mark.parametrize(
-    "options",
-    [
-        dict(aggregation="token-mean", beta=0.04, clip_high=0.28),
-        dict(aggregation="seq-mean-token-mean", entropy_coef=0.01),
-        dict(aggregation="seq-mean-token-sum-norm", ratio="sequence", max_length=7),
-        dict(surrogate="cispo", clip_high=4.0, aggregation="token-sum", beta=0.04, kl="low_var_kl"),
-    ],
-)
+@pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("chunk_size", [None, 4])
-def test_equals_unfused_composition(backend, options, chunk_size):
+@pytest.mark.parametrize("single_pass", [None, False])
+def test_equals_unfused_composition(backend, options, chunk_size, single_pass):
     hidden, weight, bias, labels, mask, adv, ref_hidden, _ = batch()
     h, w, b = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
-    module = fusedrl.LinearPolicyLoss(temperature=0.9, chunk_size=chunk_size, backend=backend, **options)
+    module = fusedrl.LinearPolicyLoss(temperature=0.9, chunk_size=chunk_size, backend=backend,
+                                      single_pass=single_pass, **options)
+    token_local = options.get("ratio", "token") == "token"
+    assert module.single_pass == (token_local and single_pass is None)
     old = (fusedrl.token_logprobs(hidden @ weight.t() + bias, labels, temperature=0.9) + 0.02).detach()
     kw = dict(ref_hidden=ref_hidden) if options.get("beta") else {}
     loss, metrics = module(h, w, labels, old, adv, mask, bias=b, **kw)
@@ -56,13 +65,14 @@ def test_equals_unfused_composition(backend, options, chunk_size):
                                                    temperature=0.9, backend="torch")
     if options.get("entropy_coef"):
         extra["entropy"] = lp[1]
-    opts = {k: v for k, v in options.items()}
-    loss2, metrics2 = fusedrl.policy_loss(lp[0], old, adv, mask, backend="torch", **opts, **extra)
+    loss2, metrics2 = fusedrl.policy_loss(lp[0], old, adv, mask, backend="torch", **options, **extra)
     want = grads(loss2, h2, w2, b2)
     torch.testing.assert_close(loss, loss2, rtol=1e-9, atol=1e-12)
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
     assert metrics.keys() == metrics2.keys()
+    for k in metrics:
+        torch.testing.assert_close(metrics[k], metrics2[k], rtol=1e-9, atol=1e-12)
 
 
 def test_errors_name_the_option():
@@ -73,6 +83,29 @@ def test_errors_name_the_option():
     hidden, weight, bias, labels, mask, adv, ref_hidden, _ = batch()
     with pytest.raises(ValueError, match="mask must have the shape of labels"):
         fusedrl.LinearPolicyLoss()(hidden, weight, labels, None, adv, mask[:, :3])
+    with pytest.raises(ValueError, match="single_pass=True does not apply"):
+        fusedrl.LinearPolicyLoss(single_pass=True, ratio="sequence")
+
+
+def test_single_pass_with_float_mask_token_advantages_and_rollout_correction():
+    hidden, weight, bias, labels, mask, adv, ref_hidden, _ = batch(seed=5)
+    fmask = mask.double() * torch.rand(mask.shape, dtype=torch.float64)
+    tadv = torch.randn(labels.shape, dtype=torch.float64)
+    rollout = (fusedrl.token_logprobs(hidden @ weight.t() + bias, labels) + 0.1 * torch.randn(labels.shape)).detach()
+    old = (rollout + 0.05 * torch.randn(labels.shape, dtype=torch.float64)).detach()
+    opts = dict(aggregation="seq-mean-token-mean", rollout_correction="token_truncate", rollout_cap=1.05)
+    results = []
+    for single in (None, False):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        module = fusedrl.LinearPolicyLoss(single_pass=single, chunk_size=5, **opts)
+        assert module.single_pass == (single is None)
+        loss, metrics = module(h, w, labels, old, tadv, fmask, rollout_logp=rollout)
+        results.append((loss, *grads(loss, h, w), metrics))
+    for a, e in zip(results[0][:3], results[1][:3]):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
+    assert results[0][-1].keys() == results[1][-1].keys()
+    for k in results[0][-1]:
+        torch.testing.assert_close(results[0][-1][k], results[1][-1][k], rtol=1e-9, atol=1e-12)
 
 
 liger = pytest.importorskip("liger_kernel.chunked_loss")

@@ -42,6 +42,43 @@ def _chunk_logits(hidden, weight, bias, start, stop, buffer):
     return torch.mm(h, weight.t(), out=out)
 
 
+def validate(hidden, weight, labels, bias, temperature, ignore_index, return_entropy, chunk_size) -> LogprobParams:
+    """Checks of the linear log-prob inputs (TypeError / ValueError naming the argument)."""
+    check.tensor("hidden", hidden, check.FLOAT_DTYPES)
+    check.tensor("weight", weight, check.FLOAT_DTYPES)
+    check.tensor("labels", labels, check.INDEX_DTYPES)
+    if hidden.dim() < 1:
+        raise ValueError(f"hidden must have shape [..., H], got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
+        raise ValueError(f"weight must have shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}")
+    check.same_device("weight", weight, "hidden", hidden)
+    check.same_device("labels", labels, "hidden", hidden)
+    V = weight.shape[0]
+    if bias is not None:
+        check.tensor("bias", bias, (hidden.dtype,), what=f"{str(hidden.dtype).replace('torch.', '')} (hidden's dtype)")
+        if bias.shape != (V,):
+            raise ValueError(f"bias must have shape [V] = ({V},), got {tuple(bias.shape)}")
+        check.same_device("bias", bias, "hidden", hidden)
+    params = LogprobParams(
+        temperature=check.positive_float("temperature", temperature),
+        ignore_index=check.integer("ignore_index", ignore_index),
+        return_entropy=check.boolean("return_entropy", return_entropy),
+    )
+    if chunk_size is not None and (check.integer("chunk_size", chunk_size) < 1):
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not torch.compiler.is_compiling():
+        bad = (labels != params.ignore_index) & ((labels < 0) | (labels >= V))
+        if bool(bad.any()):
+            first = labels[bad].flatten()[0].item()
+            raise ValueError(f"labels must be in [0, {V}) or ignore_index={params.ignore_index}, got {first}")
+
+    return params
+
+
 class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, params: LogprobParams, chunk: int, backend: str):
@@ -137,37 +174,8 @@ def linear_logprobs(
         ``logp`` shaped like ``labels`` (float32; float64 for float64), or ``(logp, entropy)``.
         The ``torch`` backend computes the full logits (the reference composition).
     """
-    check.tensor("hidden", hidden, check.FLOAT_DTYPES)
-    check.tensor("weight", weight, check.FLOAT_DTYPES)
-    check.tensor("labels", labels, check.INDEX_DTYPES)
-    if hidden.dim() < 1:
-        raise ValueError(f"hidden must have shape [..., H], got {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
-        raise ValueError(f"weight must have shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
-    if labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}")
-    check.same_device("weight", weight, "hidden", hidden)
-    check.same_device("labels", labels, "hidden", hidden)
+    params = validate(hidden, weight, labels, bias, temperature, ignore_index, return_entropy, chunk_size)
     V = weight.shape[0]
-    if bias is not None:
-        check.tensor("bias", bias, (hidden.dtype,), what=f"{str(hidden.dtype).replace('torch.', '')} (hidden's dtype)")
-        if bias.shape != (V,):
-            raise ValueError(f"bias must have shape [V] = ({V},), got {tuple(bias.shape)}")
-        check.same_device("bias", bias, "hidden", hidden)
-    params = LogprobParams(
-        temperature=check.positive_float("temperature", temperature),
-        ignore_index=check.integer("ignore_index", ignore_index),
-        return_entropy=check.boolean("return_entropy", return_entropy),
-    )
-    if chunk_size is not None and (check.integer("chunk_size", chunk_size) < 1):
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if not torch.compiler.is_compiling():
-        bad = (labels != params.ignore_index) & ((labels < 0) | (labels >= V))
-        if bool(bad.any()):
-            first = labels[bad].flatten()[0].item()
-            raise ValueError(f"labels must be in [0, {V}) or ignore_index={params.ignore_index}, got {first}")
 
     from fusedrl.ops import logprobs as op  # noqa: PLC0415
 
@@ -186,3 +194,157 @@ def linear_logprobs(
     if params.return_entropy:
         return logp, entropy.view(labels.shape)
     return logp
+
+
+# ---------------------------------------------------------------------------------------------
+# Single pass: the gradient computed while each chunk's logits exist (3 GEMMs per chunk, not 4)
+# ---------------------------------------------------------------------------------------------
+TOKEN_LOCAL_SURROGATES = ("clip", "cispo", "sapo", "reinforce", "gpg")
+TOKEN_LOCAL_CORRECTIONS = (None, "token_truncate", "token_mask", "icepop")
+
+
+def single_pass_declines(options: dict) -> str | None:
+    """Why a policy configuration needs the two-pass path, or None when d loss / d logp_t depends
+    on token t alone (then each chunk's gradient is known as soon as its log-probs are)."""
+    if options.get("ratio", "token") != "token":
+        return f"ratio={options['ratio']!r} couples the tokens of a row"
+    if options.get("surrogate", "clip") not in TOKEN_LOCAL_SURROGATES:
+        return f"surrogate={options['surrogate']!r} couples the tokens of a row"
+    if options.get("rollout_correction") not in TOKEN_LOCAL_CORRECTIONS:
+        return "a sequence-level rollout correction"  # (it does not depend on logp, but its weights are per row)
+    if options.get("use_bias_correction_kl") and options.get("kl_aggregation") is not None:
+        return "bias-corrected KL aggregated on its own"
+    return None
+
+
+def _aggregation_weights(mask, mode, norms, dtype):
+    """d aggregate(v, mask, mode, **norms) / d v: every aggregation is linear in the per-token
+    values, so its weights are one autograd call on the public function (no normalizer is
+    re-derived here)."""
+    from fusedrl.policy import aggregate  # noqa: PLC0415
+
+    v = torch.zeros(mask.shape, dtype=dtype, requires_grad=True)
+    (w,) = torch.autograd.grad(aggregate(v, mask, mode, **norms), v)
+    return w
+
+
+class _SinglePassPolicy(torch.autograd.Function):
+    """Forward: per chunk, logits (GEMM) -> log-probs (kernel) -> d loss / d logp of the chunk's
+    tokens (the reference on a one-row pseudo-batch weighted by the aggregation) -> d logits
+    (kernel, in place) -> d hidden, d weight, d bias (GEMMs). Returns the loss; backward scales the
+    stored gradients by the upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, loss_value, pieces):
+        ctx.save_for_backward(*pieces)
+        ctx.has = tuple(p.numel() > 0 for p in pieces)
+        return loss_value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        d_hidden, d_weight, d_bias = ctx.saved_tensors
+        return (
+            (d_hidden * grad_out).to(d_hidden.dtype) if ctx.has[0] else None,
+            (d_weight * grad_out).to(d_weight.dtype) if ctx.has[1] else None,
+            (d_bias * grad_out).to(d_bias.dtype) if ctx.has[2] else None,
+            None,
+            None,
+        )
+
+
+def single_pass_policy_loss(hidden, weight, labels, old_logp, advantages, mask, *, bias, temperature, ignore_index,
+                            chunk_size, options, tensors, backend):
+    """The policy loss and its gradient w.r.t. hidden, weight and bias in one chunked pass (see
+    :class:`_SinglePassPolicy`); ``options`` are policy_loss keywords for which
+    :func:`single_pass_declines` is None; ``tensors`` holds ref_logp, rollout_logp, group_ids and
+    the counts. Returns ``(loss, metrics)`` exactly as ``policy_loss(linear_logprobs(...), ...)``."""
+    from fusedrl.ops import logprobs as op  # noqa: PLC0415
+    from fusedrl.policy import kl_penalty, policy_loss  # noqa: PLC0415
+
+    validate(hidden, weight, labels, bias, temperature, ignore_index, False, chunk_size)
+    if labels.dim() != 2 or mask.shape != labels.shape:
+        raise ValueError(f"labels and mask must have the same shape [B, T], got {tuple(labels.shape)} and {tuple(mask.shape)}")
+    B, T = labels.shape
+    H, V = hidden.shape[-1], weight.shape[0]
+    flat_h = hidden.reshape(-1, H)
+    flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    N = flat_h.shape[0]
+    out = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    beta = options.get("beta", 0.0)
+    coef = options.get("entropy_coef", 0.0)
+    kl_agg, ent_agg = options.get("kl_aggregation"), options.get("entropy_aggregation")
+    want_entropy = coef != 0.0
+    norms = {k: tensors.get(k) for k in ("num_tokens", "num_sequences", "max_length", "group_ids", "num_groups")}
+    norms["advantages"] = advantages
+    norms["exclude_empty_rows"] = options.get("exclude_empty_rows", False)
+    w_loss = _aggregation_weights(mask, options.get("aggregation", "token-mean"), norms, out).reshape(-1)
+    w_kl = _aggregation_weights(mask, kl_agg, norms, out).reshape(-1) if (kl_agg and beta != 0.0) else None
+    w_ent = _aggregation_weights(mask, ent_agg, norms, out).reshape(-1) if (ent_agg and coef != 0.0) else None
+    per_token = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+    adv_tok = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).expand(B, T).reshape(-1)
+    old_tok, ref_tok = per_token(old_logp), per_token(tensors.get("ref_logp"))
+    roll_tok = per_token(tensors.get("rollout_logp"))
+    # The per-chunk call: token-sum over a one-row pseudo-batch whose float mask is the aggregation
+    # weight of each token; KL / entropy aggregated on their own are handled beside it.
+    chunk_options = {k: v for k, v in options.items() if k not in (
+        "aggregation", "kl_aggregation", "entropy_aggregation", "exclude_empty_rows", "backend")}
+    chunk_options.update(aggregation="token-sum")
+    if kl_agg is not None:
+        chunk_options["beta"] = 0.0
+    if ent_agg is not None:
+        chunk_options["entropy_coef"] = 0.0
+
+    logp = torch.empty(N, dtype=out)
+    entropy = torch.empty(N, dtype=out)
+    row_max, log_norm = torch.empty(N, dtype=out), torch.empty(N, dtype=out)
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    d_hidden = torch.empty_like(flat_h)
+    d_weight = torch.zeros(weight.shape, dtype=acc)
+    d_bias = torch.zeros(V, dtype=acc) if bias is not None else None
+    forward_kernel, backward_kernel = op.LAUNCHERS[backend]
+    chunk = chunk_size or default_chunk_size(N, V, hidden.dtype)
+    buffer = torch.empty(min(chunk, N), V, dtype=hidden.dtype)
+    with torch.no_grad():
+        for s in range(0, N, chunk):
+            e = min(s + chunk, N)
+            logits = _chunk_logits(flat_h, weight, bias, s, e, buffer)
+            forward_kernel(logits, flat_labels[s:e], temperature, ignore_index, logp[s:e],
+                           entropy[s:e] if want_entropy else None, row_max[s:e], log_norm[s:e])
+            with torch.enable_grad():
+                x = logp[s:e].clone().requires_grad_(True)
+                h = entropy[s:e].clone().requires_grad_(want_entropy)
+                part, _ = policy_loss(
+                    x.view(1, -1), None if old_tok is None else old_tok[s:e].view(1, -1), adv_tok[s:e].view(1, -1),
+                    w_loss[s:e].view(1, -1), ref_logp=None if ref_tok is None else ref_tok[s:e].view(1, -1),
+                    rollout_logp=None if roll_tok is None else roll_tok[s:e].view(1, -1),
+                    entropy=h.view(1, -1) if want_entropy else None, backend="torch", **chunk_options,
+                )
+                if w_kl is not None:
+                    kind = options.get("kl", "k3")
+                    part = part + beta * (w_kl[s:e] * kl_penalty(x, ref_tok[s:e], kind=kind)).sum()
+                if w_ent is not None:
+                    part = part - coef * (w_ent[s:e] * h).sum()
+                inputs = (x, h) if want_entropy else (x,)
+                grads = torch.autograd.grad(part, inputs, allow_unused=True)
+            g_lp = grads[0] if grads[0] is not None else torch.zeros_like(x)
+            g_h = grads[1] if want_entropy and grads[1] is not None else None
+            backward_kernel(logits, flat_labels[s:e], temperature, ignore_index, row_max[s:e], log_norm[s:e],
+                            entropy[s:e] if want_entropy else None, g_lp.to(out).contiguous(), None if g_h is None else g_h.to(out).contiguous(),
+                            logits)
+            torch.mm(logits, weight, out=d_hidden[s:e])
+            d_weight.addmm_(logits.t().to(acc), flat_h[s:e].to(acc))
+            if d_bias is not None:
+                d_bias += logits.sum(0, dtype=acc)
+        # The value and the metrics: the public function on the full log-probs (cheap: [B, T]).
+        loss, metrics = policy_loss(
+            logp.view(B, T), old_logp, advantages, mask, entropy=entropy.view(B, T) if want_entropy else None,
+            backend="torch", **{k: v for k, v in tensors.items() if v is not None},
+            **{k: v for k, v in options.items() if k != "backend"},
+        )
+    empty = torch.empty(0)
+    pieces = (
+        d_hidden.view_as(hidden) if hidden.requires_grad else empty,
+        d_weight.to(weight.dtype) if weight.requires_grad else empty,
+        d_bias.to(bias.dtype) if (bias is not None and bias.requires_grad) else empty,
+    )
+    return _SinglePassPolicy.apply(hidden, weight, bias, loss, pieces), metrics

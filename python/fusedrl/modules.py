@@ -319,10 +319,17 @@ class LinearPolicyLoss(PolicyLoss):
     options use them (``entropy_coef`` != 0 or ``hybrid_mixing="entropy"``). Gradients flow to
     ``hidden``, ``weight`` and ``bias``.
 
-    This is the general (two-pass) path: the backward recomputes each chunk's logits.
+    Two paths, the same numbers. Single pass (``single_pass=None`` picks it whenever it applies):
+    when d loss / d logp of a token depends on that token alone (``ratio="token"``, a surrogate
+    other than geo_mean, a token-level rollout correction: any aggregation), each chunk's gradient
+    is taken while its logits exist, so each chunk costs three GEMMs (logits, d hidden, d weight)
+    and the backward only scales the stored gradients. Otherwise (sequence-level ratios couple the
+    tokens of a row, and rows may span chunks) the general path: log-probs for all tokens first,
+    and the backward recomputes each chunk's logits (four GEMMs per chunk).
     """
 
-    def __init__(self, *, temperature: float = 1.0, chunk_size: int | None = None, ignore_index: int = -100, **options):
+    def __init__(self, *, temperature: float = 1.0, chunk_size: int | None = None, ignore_index: int = -100,
+                 single_pass: bool | None = None, **options):
         super().__init__(**options)
         from fusedrl import _validate as check  # noqa: PLC0415
 
@@ -332,6 +339,12 @@ class LinearPolicyLoss(PolicyLoss):
         if chunk_size is not None and _relabel(owner, lambda: check.integer("chunk_size", chunk_size)) < 1:
             raise ValueError(f"{owner}: chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size = chunk_size
+        from fusedrl.linear import single_pass_declines  # noqa: PLC0415
+
+        why = single_pass_declines(self._options)
+        if single_pass and why is not None:
+            raise ValueError(f"{owner}: single_pass=True does not apply to these options: {why}")
+        self.single_pass = why is None if single_pass is None else bool(single_pass)
 
     def _logps(self, hidden, weight, labels, bias, entropy: bool):
         from fusedrl.linear import linear_logprobs  # noqa: PLC0415
@@ -349,9 +362,6 @@ class LinearPolicyLoss(PolicyLoss):
         if mask.shape != labels.shape:
             raise ValueError(f"{owner}.forward: mask must have the shape of labels {tuple(labels.shape)}, got {tuple(mask.shape)}")
         labels = labels.masked_fill(mask == 0, self.ignore_index)  # padding: the kernel skips the row
-        wants_entropy = self._options.get("entropy_coef", 0.0) != 0.0 or self._options.get("hybrid_mixing") == "entropy"
-        out = self._logps(hidden, weight, labels, bias, wants_entropy)
-        logp, entropy = out if wants_entropy else (out, None)
         if ref_hidden is not None:
             if ref_logp is not None:
                 raise ValueError(f"{owner}.forward: pass ref_logp or ref_hidden, not both")
@@ -359,8 +369,38 @@ class LinearPolicyLoss(PolicyLoss):
                 ref_logp = self._logps(ref_hidden, weight if ref_weight is None else ref_weight, labels, ref_bias, False)
         elif ref_weight is not None or ref_bias is not None:
             raise ValueError(f"{owner}.forward: ref_weight and ref_bias need ref_hidden")
+        if self.single_pass:
+            out = self._single_pass(hidden, weight, labels, old_logp, advantages, mask, bias, ref_logp, dict(per_call))
+            if out is not None:
+                return out
+        wants_entropy = self._options.get("entropy_coef", 0.0) != 0.0 or self._options.get("hybrid_mixing") == "entropy"
+        out = self._logps(hidden, weight, labels, bias, wants_entropy)
+        logp, entropy = out if wants_entropy else (out, None)
         if ref_logp is not None:
             per_call["ref_logp"] = ref_logp
         if entropy is not None:
             per_call["entropy"] = entropy
         return super().forward(logp, old_logp, advantages, mask, **per_call)
+
+    def _single_pass(self, hidden, weight, labels, old_logp, advantages, mask, bias, ref_logp, per_call):
+        """The single-pass path, or None when the kernel backends decline these tensors (then the
+        general path runs, on whichever backend accepts them)."""
+        from fusedrl.linear import single_pass_policy_loss  # noqa: PLC0415
+        from fusedrl.ops import logprobs as op  # noqa: PLC0415
+
+        owner = type(self).__name__
+        _split_call(owner, per_call, POLICY_CALL_TENSORS + POLICY_COUNTS, POLICY_OPTIONS)
+        if not isinstance(hidden, torch.Tensor):
+            raise TypeError(f"{owner}.forward: hidden must be a torch.Tensor, got {type(hidden).__name__}")
+        backend = dispatch.select("linear_logprobs", op.BACKENDS, hidden.device, hidden.dtype, self._options.get("backend"))
+        if backend == "torch" or "entropy" in per_call:
+            return None
+        options = {k: v for k, v in self._options.items() if k not in POLICY_COUNTS}
+        tensors = {k: self._options[k] for k in POLICY_COUNTS if self._options.get(k) is not None}
+        tensors.update(per_call)
+        tensors["ref_logp"] = ref_logp
+        return single_pass_policy_loss(
+            hidden, weight, labels, old_logp, advantages, mask, bias=bias, temperature=self.temperature,
+            ignore_index=self.ignore_index, chunk_size=self.chunk_size, options=options, tensors=tensors,
+            backend=backend,
+        )
