@@ -8,4 +8,4 @@ floor_note: what the floor measures.
 
 from benchmarks.cases import linear, logprobs
 
-CASES = {logprobs.CASE: logprobs, linear.CASE: linear}
+CASES = {logprobs.CASE: logprobs, linear.CASE: linear, linear.memory.CASE: linear.memory}

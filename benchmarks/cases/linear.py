@@ -125,3 +125,19 @@ def targets(cfg, res) -> list[str]:
                 f"{r['peak_extra_bytes'] / max(ours['peak_extra_bytes'], 1):.2f}x the memory"
             )
     return out
+
+
+class memory:  # noqa: N801  (a second case in this file: the memory slope over N)
+    """Peak memory at N = 2048, 4096, 8192 (H=512, V=151936) for eager, Liger and fusedrl: the
+    slope is the memory each added token costs (issue 6)."""
+
+    CASE = "linear_memory"
+    floor_note = "none (memory only)"
+
+    @staticmethod
+    def configs(quick: bool):
+        if quick:
+            return [{"N": n, "H": 64, "V": 4000, "dtype": "fp32"} for n in (256, 512)]
+        return [{"N": n, "H": 512, "V": 151936, "dtype": "fp32"} for n in (2048, 4096, 8192)]
+
+    IMPLS = {"fusedrl": make_fusedrl, "eager": make_eager, "liger": _make_liger(False)}
