@@ -139,3 +139,31 @@ def test_matches_liger_fused_linear_grpo(loss_type, beta):
     torch.testing.assert_close(loss, loss_l, rtol=2e-5, atol=2e-6)
     for a, e in zip(g, g_l):
         torch.testing.assert_close(a, e, rtol=2e-4, atol=2e-6)
+
+
+def test_single_pass_scales_with_the_upstream_gradient_and_respects_requires_grad():
+    hidden, weight, bias, labels, mask, adv, _, _ = batch(seed=7)
+    module = fusedrl.LinearPolicyLoss(chunk_size=6)
+    assert module.single_pass
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss, _ = module(h, w, labels, None, adv, mask)
+    gh, gw = grads(3.0 * loss, h, w)
+    h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss2, _ = fusedrl.LinearPolicyLoss(chunk_size=6, single_pass=False)(h2, w2, labels, None, adv, mask)
+    gh2, gw2 = grads(3.0 * loss2, h2, w2)
+    torch.testing.assert_close(gh, gh2, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gw, gw2, rtol=1e-9, atol=1e-12)
+    frozen, _ = module(hidden, w, labels, None, adv, mask)  # hidden without grad
+    (gw3,) = grads(frozen, w)
+    torch.testing.assert_close(gw3 * 3.0, gw, rtol=1e-9, atol=1e-12)
+
+
+def test_single_pass_bf16_close_to_float64():
+    hidden, weight, bias, labels, mask, adv, _, _ = batch(dtype=torch.float64, seed=9)
+    out = []
+    for dt in (torch.bfloat16, torch.float64):
+        h, w = hidden.to(dt).requires_grad_(True), weight.to(dt).requires_grad_(True)
+        loss, _ = fusedrl.LinearPolicyLoss(chunk_size=8, beta=0.0)(h, w, labels, None, adv, mask)
+        out.append((loss.double(), *(g.double() for g in grads(loss, h, w))))
+    for a, e in zip(*out):
+        assert (a - e).abs().max() <= 2e-2 * max(e.abs().max().item(), 1e-3)
