@@ -16,7 +16,7 @@ from fusedrl.ops import scan
 from fusedrl.reference import advantages as ref
 from fusedrl.testing import assert_close_to_reference
 
-KERNEL_BACKENDS = ["cpu"]  # the CUDA kernel is compiled in CI, never run here
+KERNEL_BACKENDS = ["cpu", "triton"]  # the CUDA kernel is compiled in CI, never run here
 ALL_BACKENDS = KERNEL_BACKENDS + ["torch"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 MASK_DTYPES = [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.float64, torch.bfloat16]
