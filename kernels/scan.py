@@ -10,10 +10,12 @@ here                      scan.h / csrc/cpu/scan.cpp
 ``_scan_step``            ``scan_step``: x + decay * carry
 ``_reverse_kernel``       ``reverse_block``: one program walks BLOCK_B rows from t = T-1 to 0
                           with their carries (c, V_next) in registers; masked tokens write 0 and
-                          leave the carries alone (selects only: NaN padding never leaks)
+                          leave the carries alone (selects only: NaN padding never leaks); with
+                          WHITEN, each row's valid advantages are summed in float64 shifted by
+                          its first scanned one (n, k, s1, s2)
+``_moments_from_shifted`` ``moments_from_shifted_sums``: a row's (count, mean, M2), written to
+``_sums``                 the workspace
 ``_prefix_kernel``        ``prefix_block``: the same walk from t = 0, s = s + x at valid tokens
-``_moments_kernel``       ``row_moments``: a row's (count, mean, M2) over its valid outputs, in
-                          float64, written to the workspace
 ``_merge_kernel``         ``moments_merge`` in row order (one program), then ``whiten_coeffs``:
                           mean and 1 / sqrt(M2 / (n - 1) + 1e-8) (variance 0 below two values)
 ``_whiten_kernel``        ``whiten_row`` with ``whiten_value`` in float64
@@ -36,6 +38,16 @@ WHITEN_EPS = 1e-8  # scan.h kWhitenEps
 
 
 @triton.jit
+def _moments_from_shifted_sums(n, k, s1, s2):
+    """moments_from_shifted_sums: mean = k + s1 / n, M2 = s2 - s1^2 / n clamped at 0 (NaN kept)."""
+    safe_n = tl.where(n > 0, n, 1.0)
+    mean = tl.where(n > 0, k + s1 / safe_n, 0.0)
+    m2 = s2 - s1 * (s1 / safe_n)
+    m2 = tl.where(m2 > 0, m2, tl.where(m2 == m2, 0.0, m2))
+    return n, mean, tl.where(n > 0, m2, 0.0)
+
+
+@triton.jit
 def _gae_delta(r, v, v_next, gamma):
     return (r + gamma * v_next) - v
 
@@ -48,8 +60,8 @@ def _scan_step(x, carry, decay):
 @triton.jit
 def _reverse_kernel(
     x_ptr, v_ptr, m_ptr, boot_ptr, out_ptr, ret_ptr,
-    B, T, x_stride, v_stride, m_stride, gamma: tl.float64, decay: tl.float64,
-    HAS_V: tl.constexpr, HAS_BOOT: tl.constexpr, BLOCK_B: tl.constexpr,
+    ws_ptr, B, T, x_stride, v_stride, m_stride, gamma: tl.float64, decay: tl.float64,
+    HAS_V: tl.constexpr, HAS_BOOT: tl.constexpr, WHITEN: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     live = rows < B
@@ -60,6 +72,10 @@ def _reverse_kernel(
     vn = tl.zeros([BLOCK_B], ACC)
     if HAS_BOOT:
         vn = tl.load(boot_ptr + rows, mask=live, other=0.0).to(ACC)
+    n = tl.zeros([BLOCK_B], tl.float64)  # whitening: shifted sums (scan.h)
+    k = tl.zeros([BLOCK_B], tl.float64)
+    s1 = tl.zeros([BLOCK_B], tl.float64)
+    s2 = tl.zeros([BLOCK_B], tl.float64)
     for i in range(0, T):
         t = T - 1 - i
         ok = (tl.load(m_ptr + rows * m_stride + t, mask=live, other=0) != 0) & live
@@ -70,10 +86,22 @@ def _reverse_kernel(
             tl.store(out_ptr + rows * T + t, tl.where(ok, s, 0.0).to(ACC), mask=live)
             tl.store(ret_ptr + rows * T + t, tl.where(ok, s + val, 0.0).to(ACC), mask=live)
             vn = tl.where(ok, val, vn)
+            if WHITEN:
+                sd = s.to(tl.float64)
+                k = tl.where(ok & (n == 0), sd, k)
+                d = tl.where(ok, sd - k, 0.0)
+                s1 += d
+                s2 += d * d
+                n += tl.where(ok, 1.0, 0.0)
         else:
             s = _scan_step(r, c, dec)
             tl.store(out_ptr + rows * T + t, tl.where(ok, s, 0.0).to(ACC), mask=live)
         c = tl.where(ok, s, c)
+    if WHITEN:
+        st_n, st_mean, st_m2 = _moments_from_shifted_sums(n, k, s1, s2)
+        tl.store(ws_ptr + 3 * rows, st_n, mask=live)
+        tl.store(ws_ptr + 3 * rows + 1, st_mean, mask=live)
+        tl.store(ws_ptr + 3 * rows + 2, st_m2, mask=live)
 
 
 @triton.jit
@@ -87,32 +115,6 @@ def _prefix_kernel(x_ptr, m_ptr, out_ptr, B, T, x_stride, m_stride, BLOCK_B: tl.
         n = s + tl.load(x_ptr + rows * x_stride + t, mask=live, other=0.0).to(ACC)
         tl.store(out_ptr + rows * T + t, tl.where(ok, n, 0.0).to(ACC), mask=live)
         s = tl.where(ok, n, s)
-
-
-@triton.jit
-def _moments_kernel(out_ptr, m_ptr, ws_ptr, T, m_stride, BLOCK_T: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols0 = tl.arange(0, BLOCK_T)
-    n = tl.zeros([], tl.float64)
-    total = tl.zeros([], tl.float64)
-    for start in range(0, T, BLOCK_T):
-        cols = start + cols0
-        inside = cols < T
-        ok = (tl.load(m_ptr + row * m_stride + cols, mask=inside, other=0) != 0) & inside
-        o = tl.load(out_ptr + row * T + cols, mask=inside, other=0.0).to(tl.float64)
-        n += tl.sum(ok.to(tl.float64), axis=0)
-        total += tl.sum(tl.where(ok, o, 0.0), axis=0)
-    mean = tl.where(n > 0, total / tl.where(n > 0, n, 1.0), 0.0)
-    m2 = tl.zeros([], tl.float64)
-    for start in range(0, T, BLOCK_T):
-        cols = start + cols0
-        inside = cols < T
-        ok = (tl.load(m_ptr + row * m_stride + cols, mask=inside, other=0) != 0) & inside
-        d = tl.load(out_ptr + row * T + cols, mask=inside, other=0.0).to(tl.float64) - mean
-        m2 += tl.sum(tl.where(ok, d * d, 0.0), axis=0)
-    tl.store(ws_ptr + 3 * row, n)
-    tl.store(ws_ptr + 3 * row + 1, mean)
-    tl.store(ws_ptr + 3 * row + 2, m2)
 
 
 @triton.jit
@@ -173,13 +175,14 @@ def reverse_scan(x, values, mask, bootstrap, gamma, lam, out, returns, whiten, w
     _reverse_kernel[(triton.cdiv(B, BLOCK_B),)](
         x, x if values is None else values, mask, out if bootstrap is None else bootstrap, out,
         out if returns is None else returns,
+        out if workspace is None else workspace,
         B, T, _stride(x), 0 if values is None else _stride(values), _stride(mask), float(gamma),
         float(gamma * lam),
-        HAS_V=values is not None, HAS_BOOT=bootstrap is not None, BLOCK_B=BLOCK_B,
+        HAS_V=values is not None, HAS_BOOT=bootstrap is not None, WHITEN=bool(whiten and values is not None),
+        BLOCK_B=BLOCK_B,
     )
     if whiten:
         block = max(16, min(BLOCK_T, triton.next_power_of_2(T)))
-        _moments_kernel[(B,)](out, mask, workspace, T, _stride(mask), BLOCK_T=block)
         _merge_kernel[(1,)](workspace, B, WHITEN_EPS)
         _whiten_kernel[(B, triton.cdiv(T, block))](out, mask, workspace, B, T, _stride(mask), BLOCK_T=block)
 

@@ -223,3 +223,14 @@ def test_opcheck():
     torch.library.opcheck(scan.gae_op, (r, v, mask.float(), None, 1.0, 1.0, False, "cpu"))
     torch.library.opcheck(scan.discounted_returns_op, (r, mask, 0.9, "cpu"))
     torch.library.opcheck(scan.masked_prefix_sum_op, (r, mask.int(), "cpu"))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float32])
+@pytest.mark.parametrize("kind", ["holes", "right"])
+def test_whitening_long_rows_every_mask_width(backend, mask_dtype, kind):
+    # T spans several 64-token words of the CPU kernel's mask bits, the last one partial
+    r, v, mask, boot = make_case(9, 150, torch.float32, kind=kind, seed=3)
+    mask[0] = False
+    mask[1, :100] = False
+    check_gae(backend, r, v, mask.to(mask_dtype), boot, 0.99, 0.95, True)

@@ -9,9 +9,11 @@
 // vector-bound, and one baseline build keeps every row's arithmetic identical (no FMA contraction
 // in one variant and not another), hence bitwise-identical results under any thread count.
 //
-// Whitening: each row's (count, mean, M2) over its valid advantages is taken in double right after
-// the row's scan (the row is still in cache), written to the workspace, merged in row order by one
-// thread (moments_merge), and the advantages are then rescaled in place.
+// Whitening: while a row is scanned, its valid advantages are summed in double shifted by the
+// row's first scanned one (count, sum d, sum d^2), and its valid range [lo, hi] is noted (with a
+// bit copy of the mask when the mask is wider than a byte). One thread then merges the rows'
+// moments in row order (moments_merge), and the valid range of each row is rescaled in place:
+// the whitening adds one read and one write of the valid advantages and a read of the mask bits.
 #include "cpu/scan.h"
 
 #include <algorithm>
@@ -37,8 +39,17 @@ FUSEDRL_HD float load(const f16_t* p, int64_t i) { return to_float(p[i]); }
 template <typename M> FUSEDRL_HD bool is_valid(const M* p, int64_t i) { return p[i] != M(0); }
 
 // The reverse scan of rows [b0, b0 + R): GAE when HAS_V, discounted returns otherwise.
-template <typename T, typename M, bool HAS_V, int R>
-void reverse_block(const ScanArgs& a, int64_t b0) {
+// Whitening side outputs of a row, gathered during its scan (W): the count n, the sums of
+// d = A - k and d^2 in double with the shift k = the row's first scanned valid advantage, the
+// range [lo, hi] of its valid tokens, and (for masks wider than a byte) the mask as bits, one
+// uint64 word per 64 tokens (stored whole as the walk leaves a word: no char stores in the loop).
+struct RowWhiten {
+  double n, k, s1, s2;
+  int64_t lo, hi;
+};
+
+template <typename T, typename M, bool HAS_V, bool W, int R>
+void reverse_block(const ScanArgs& a, int64_t b0, RowWhiten* rw, uint64_t* bits) {
   using acc_t = typename Acc<T>::type;
   const acc_t gamma = acc_t(a.gamma);
   const acc_t decay = acc_t(a.gamma * a.lam);
@@ -49,7 +60,17 @@ void reverse_block(const ScanArgs& a, int64_t b0) {
   acc_t* out[R];
   acc_t* ret[R];
   acc_t c[R], vn[R];
+  double n[R], k[R], s1[R], s2[R];
+  int64_t lo[R], hi[R];
+  uint64_t* vb[R];
+  uint64_t word[R];
+  const int64_t words = (a.T + 63) / 64;
   for (int j = 0; j < R; ++j) {
+    n[j] = k[j] = s1[j] = s2[j] = 0.0;
+    lo[j] = a.T;
+    hi[j] = -1;
+    vb[j] = (W && bits) ? bits + (b0 + j) * words : nullptr;
+    word[j] = 0;
     const int64_t b = b0 + j;
     x[j] = static_cast<const T*>(a.x) + b * a.x_stride;
     v[j] = HAS_V ? static_cast<const T*>(a.values) + b * a.values_stride : nullptr;
@@ -70,6 +91,23 @@ void reverse_block(const ScanArgs& a, int64_t b0) {
         ret[j][t] = ok ? s + val : acc_t(0);
         c[j] = ok ? s : c[j];
         vn[j] = ok ? val : vn[j];
+        if (W) {
+          const double sd = double(s);
+          k[j] = (ok && n[j] == 0.0) ? sd : k[j];
+          const double d = ok ? sd - k[j] : 0.0;
+          s1[j] += d;
+          s2[j] += d * d;
+          n[j] += ok ? 1.0 : 0.0;
+          hi[j] = (ok && hi[j] < 0) ? t : hi[j];
+          lo[j] = ok ? t : lo[j];
+          if (vb[j]) {
+            word[j] |= uint64_t(ok) << (t & 63);
+            if ((t & 63) == 0) {
+              vb[j][t >> 6] = word[j];
+              word[j] = 0;
+            }
+          }
+        }
       } else {
         const acc_t s = scan_step(r, c[j], decay);
         out[j][t] = ok ? s : acc_t(0);
@@ -77,40 +115,38 @@ void reverse_block(const ScanArgs& a, int64_t b0) {
       }
     }
   }
+  if (W) {
+    for (int j = 0; j < R; ++j) {
+      rw[j].n = n[j];
+      rw[j].k = k[j];
+      rw[j].s1 = s1[j];
+      rw[j].s2 = s2[j];
+      rw[j].lo = lo[j];
+      rw[j].hi = hi[j];
+    }
+  }
 }
 
-// Row b's whitening moments over its valid outputs, in double.
-template <typename T, typename M> MomentState row_moments(const ScanArgs& a, int64_t b) {
-  using acc_t = typename Acc<T>::type;
-  const acc_t* o = static_cast<const acc_t*>(a.out) + b * a.T;
-  const M* m = static_cast<const M*>(a.mask) + b * a.mask_stride;
-  double n = 0.0, sum = 0.0;
-  for (int64_t t = 0; t < a.T; ++t) {
-    const bool ok = is_valid(m, t);
-    n += ok ? 1.0 : 0.0;
-    sum += ok ? double(o[t]) : 0.0;
-  }
-  MomentState st = moments_empty();
-  if (n == 0.0) return st;
-  const double mean = sum / n;
-  double m2 = 0.0;
-  for (int64_t t = 0; t < a.T; ++t) {
-    const double d = double(o[t]) - mean;
-    m2 += is_valid(m, t) ? d * d : 0.0;
-  }
-  st.n = n;
-  st.mean = mean;
-  st.m2 = m2;
-  return st;
-}
-
-template <typename T, typename M> void whiten_row(const ScanArgs& a, int64_t b, double mean, double scale) {
+// Rescales the valid advantages of row b in [lo, hi] (outside it every token is masked: 0 stays).
+template <typename T, typename M>
+void whiten_row(const ScanArgs& a, int64_t b, const M* m, int64_t lo, int64_t hi, double mean, double scale) {
   using acc_t = typename Acc<T>::type;
   acc_t* o = static_cast<acc_t*>(a.out) + b * a.T;
-  const M* m = static_cast<const M*>(a.mask) + b * a.mask_stride;
-  for (int64_t t = 0; t < a.T; ++t) {
+  for (int64_t t = lo; t <= hi; ++t) {
     const acc_t w = acc_t(whiten_value(double(o[t]), mean, scale));
     o[t] = is_valid(m, t) ? w : o[t];  // masked tokens stay 0
+  }
+}
+
+// The same from the bit copy of the mask.
+template <typename T>
+void whiten_row_bits(const ScanArgs& a, int64_t b, const uint64_t* bits, int64_t lo, int64_t hi, double mean,
+                     double scale) {
+  using acc_t = typename Acc<T>::type;
+  acc_t* o = static_cast<acc_t*>(a.out) + b * a.T;
+  for (int64_t t = lo; t <= hi; ++t) {
+    const acc_t w = acc_t(whiten_value(double(o[t]), mean, scale));
+    o[t] = ((bits[t >> 6] >> (t & 63)) & 1u) ? w : o[t];
   }
 }
 
@@ -138,15 +174,23 @@ template <typename T, typename M, int R> void prefix_block(const ScanArgs& a, in
   }
 }
 
+// Threads for B rows of T tokens in `blocks` row blocks: at most one per block, and one per
+// kMinTokensPerThread tokens (waking a thread costs more than a small scan; on a loaded machine a
+// barrier can wait a whole time slice). The results do not depend on the count.
+constexpr int64_t kMinTokensPerThread = int64_t(1) << 16;
+
 int threads_for(const ScanArgs& a, int64_t blocks) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, blocks)));
+  const int64_t by_work = (a.B * a.T + kMinTokensPerThread - 1) / kMinTokensPerThread;
+  return static_cast<int>(std::max<int64_t>(1, std::min({a.num_threads, blocks, by_work})));
 }
 
-template <typename T, typename M, bool HAS_V> void run_reverse(const ScanArgs& a) {
+template <typename T, typename M, bool HAS_V, bool W> void run_reverse(const ScanArgs& a) {
   const int64_t B = a.B;
   const int64_t blocks = (B + kRows - 1) / kRows;
-  const bool whiten = HAS_V && a.whiten;
-  double* ws = static_cast<double*>(a.workspace);
+  // workspace: RowWhiten [B], then (masks wider than a byte) the mask bits [B, ceil(T / 64)]
+  RowWhiten* rws = static_cast<RowWhiten*>(a.workspace);
+  uint64_t* bits = (W && sizeof(M) > 1) ? reinterpret_cast<uint64_t*>(rws + B) : nullptr;
+  const int64_t words = (a.T + 63) / 64;
   double mean = 0.0, scale = 1.0;
 #pragma omp parallel num_threads(threads_for(a, blocks))
   {
@@ -154,36 +198,29 @@ template <typename T, typename M, bool HAS_V> void run_reverse(const ScanArgs& a
     for (int64_t k = 0; k < blocks; ++k) {
       const int64_t b0 = k * kRows;
       if (b0 + kRows <= B) {
-        reverse_block<T, M, HAS_V, kRows>(a, b0);
+        reverse_block<T, M, HAS_V, W, kRows>(a, b0, W ? rws + b0 : nullptr, bits);
       } else {
-        for (int64_t b = b0; b < B; ++b) reverse_block<T, M, HAS_V, 1>(a, b);
-      }
-      if (whiten) {
-        for (int64_t b = b0; b < std::min(b0 + kRows, B); ++b) {
-          const MomentState st = row_moments<T, M>(a, b);
-          ws[3 * b] = st.n;
-          ws[3 * b + 1] = st.mean;
-          ws[3 * b + 2] = st.m2;
-        }
+        for (int64_t b = b0; b < B; ++b) reverse_block<T, M, HAS_V, W, 1>(a, b, W ? rws + b : nullptr, bits);
       }
     }
-    if (whiten) {
+    if (W) {
       // implicit barrier after the omp for; one thread merges the rows in index order
 #pragma omp single
       {
         MomentState tot = moments_empty();
-        for (int64_t b = 0; b < B; ++b) {
-          MomentState st;
-          st.n = ws[3 * b];
-          st.mean = ws[3 * b + 1];
-          st.m2 = ws[3 * b + 2];
-          tot = moments_merge(tot, st);
-        }
+        for (int64_t b = 0; b < B; ++b) tot = moments_merge(tot, moments_from_shifted_sums(rws[b].n, rws[b].k, rws[b].s1, rws[b].s2));
         whiten_coeffs(tot, &mean, &scale);
       }
       // implicit barrier after single: mean and scale are visible to every thread
 #pragma omp for schedule(static)
-      for (int64_t b = 0; b < B; ++b) whiten_row<T, M>(a, b, mean, scale);
+      for (int64_t b = 0; b < B; ++b) {
+        if (bits) {
+          whiten_row_bits<T>(a, b, bits + b * words, rws[b].lo, rws[b].hi, mean, scale);
+        } else {
+          whiten_row<T, M>(a, b, static_cast<const M*>(a.mask) + b * a.mask_stride, rws[b].lo, rws[b].hi, mean,
+                           scale);
+        }
+      }
     }
   }
 }
@@ -226,8 +263,9 @@ template <template <typename, typename> class F> bool by_types(const ScanArgs& a
 
 template <typename T, typename M> struct ReverseOp {
   static void run(const ScanArgs& a) {
-    if (a.values) run_reverse<T, M, true>(a);
-    else run_reverse<T, M, false>(a);
+    if (a.values && a.whiten) run_reverse<T, M, true, true>(a);
+    else if (a.values) run_reverse<T, M, true, false>(a);
+    else run_reverse<T, M, false, false>(a);
   }
 };
 template <typename T, typename M> struct PrefixOp {

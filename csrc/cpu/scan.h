@@ -26,7 +26,7 @@ struct ScanArgs {
   void* out = nullptr;      // advantages / returns / prefix sums [B, T]
   void* returns = nullptr;  // GAE returns [B, T] (null for the other scans)
   bool whiten = false;      // whiten `out` over the valid tokens (GAE)
-  void* workspace = nullptr;  // whitening: double [B, 3] per-row (n, mean, m2), then the merge
+  void* workspace = nullptr;  // whitening scratch (layout: csrc/cpu/scan.cpp, csrc/cuda/scan.cu)
   int64_t num_threads = 1;  // CPU only
 };
 

@@ -4,8 +4,8 @@
 // Scans: one thread per row walks T sequentially (t = T-1 .. 0 for GAE / returns, 0 .. T-1 for the
 // prefix sum) with its carries in registers; masked tokens write 0 and leave the carries alone.
 // Consecutive steps of a thread read consecutive addresses, so each cache line fetched serves the
-// next steps from L1/L2. Whitening: the same thread then takes its row's (count, mean, M2) in double
-// (row_moments), one thread merges the rows in row order (moments_merge, whiten_coeffs), and an
+// next steps from L1/L2. Whitening: the same thread sums its row's valid advantages in double,
+// shifted by the first one (moments_from_shifted_sums), one thread merges the rows in row order (moments_merge, whiten_coeffs), and an
 // elementwise pass rescales the valid advantages: the statistics do not depend on the launch shape.
 #include <cuda_runtime.h>
 
@@ -56,6 +56,8 @@ __global__ void reverse_kernel(ScanParams<T> p) {
   acc_t* ret = HAS_V ? p.returns + b * p.T : nullptr;
   acc_t c = acc_t(0);
   acc_t vn = (HAS_V && p.bootstrap) ? p.bootstrap[b] : acc_t(0);
+  const bool moments = HAS_V && p.workspace;
+  double n = 0.0, k = 0.0, s1 = 0.0, s2 = 0.0;  // whitening: shifted sums (scan.h)
   for (int64_t t = p.T - 1; t >= 0; --t) {
     const bool ok = is_valid(m, t);
     const acc_t r = upcast(x[t]);
@@ -66,28 +68,25 @@ __global__ void reverse_kernel(ScanParams<T> p) {
       ret[t] = ok ? s + val : acc_t(0);
       c = ok ? s : c;
       vn = ok ? val : vn;
+      if (moments) {
+        const double sd = double(s);
+        k = (ok && n == 0.0) ? sd : k;
+        const double d = ok ? sd - k : 0.0;
+        s1 += d;
+        s2 += d * d;
+        n += ok ? 1.0 : 0.0;
+      }
     } else {
       const acc_t s = scan_step(r, c, p.decay);
       out[t] = ok ? s : acc_t(0);
       c = ok ? s : c;
     }
   }
-  if (p.workspace) {  // row_moments
-    double n = 0.0, sum = 0.0;
-    for (int64_t t = 0; t < p.T; ++t) {
-      const bool ok = is_valid(m, t);
-      n += ok ? 1.0 : 0.0;
-      sum += ok ? double(out[t]) : 0.0;
-    }
-    const double mean = n > 0.0 ? sum / n : 0.0;
-    double m2 = 0.0;
-    for (int64_t t = 0; t < p.T; ++t) {
-      const double d = double(out[t]) - mean;
-      m2 += is_valid(m, t) ? d * d : 0.0;
-    }
-    p.workspace[3 * b] = n;
-    p.workspace[3 * b + 1] = mean;
-    p.workspace[3 * b + 2] = m2;
+  if (moments) {
+    const MomentState st = moments_from_shifted_sums(n, k, s1, s2);
+    p.workspace[3 * b] = st.n;
+    p.workspace[3 * b + 1] = st.mean;
+    p.workspace[3 * b + 2] = st.m2;
   }
 }
 

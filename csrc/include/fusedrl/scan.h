@@ -12,8 +12,9 @@
 // Discounted returns are the same scan with delta = r_t and decay gamma. The prefix sum walks
 // t = 0 .. T-1: s = s + x_t at valid t (out_t = s), out_t = 0 at masked t.
 // Whitening (verl masked_whiten): (A - mean) / sqrt(var + 1e-8) with the mean and the unbiased
-// variance over every valid token of the batch. Each row yields (n, row mean, row M2) in double,
-// the rows are merged in row order (Chan et al.), so the result is independent of the thread split.
+// variance over every valid token of the batch. Each row yields (n, row mean, row M2) in double
+// (moments_from_shifted_sums), the rows are merged in row order (Chan et al.), so the result is
+// independent of the thread split.
 #pragma once
 
 #include "fusedrl/common.h"
@@ -43,6 +44,19 @@ FUSEDRL_HD MomentState moments_empty() {
   s.mean = 0.0;
   s.m2 = 0.0;
   return s;
+}
+
+// A row's moments from sums shifted by one of its own values k: n, s1 = sum (x - k) and
+// s2 = sum (x - k)^2 in double (one pass, no cancellation worth the name for fp32 data):
+// mean = k + s1 / n, M2 = s2 - s1^2 / n, clamped at 0 (a NaN stays).
+FUSEDRL_HD MomentState moments_from_shifted_sums(double n, double k, double s1, double s2) {
+  MomentState st = moments_empty();
+  if (n == 0.0) return st;
+  st.n = n;
+  st.mean = k + s1 / n;
+  const double m2 = s2 - s1 * (s1 / n);
+  st.m2 = m2 > 0.0 ? m2 : (m2 == m2 ? 0.0 : m2);
+  return st;
 }
 
 // Chan et al.'s merge of two partial moment states (a first, then b: the order is fixed by the

@@ -109,9 +109,12 @@ LAUNCHERS = {
 }
 
 
-def _workspace(B: int, device) -> Tensor:
-    """Whitening workspace: per-row (count, mean, M2) in float64, then the merged (mean, scale)."""
-    return torch.empty(3 * B + 2, dtype=torch.float64, device=device)
+def _workspace(B: int, T: int, mask: Tensor, backend: str) -> Tensor:
+    """Whitening workspace (float64 words). cpu: per row (n, k, s1, s2, lo, hi), then the bits of a
+    mask wider than a byte [B, ceil(T / 64)]; cuda / triton: per row (n, mean, M2), then (mean, scale)."""
+    if backend == "cpu":
+        return torch.empty(6 * B + (0 if mask.element_size() == 1 else B * -(-T // 64)), dtype=torch.float64)
+    return torch.empty(3 * B + 2, dtype=torch.float64, device=mask.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,8 +132,9 @@ def gae_op(
     if B > 0 and T > 0:
         x, v = _inputs(rewards, values)
         boot = None if bootstrap is None else bootstrap.to(dtype).contiguous()
-        ws = _workspace(B, rewards.device) if whiten else None
-        LAUNCHERS[backend][0](x, v, _mask(mask), boot, gamma, lam, adv, ret, whiten, ws)
+        m = _mask(mask)
+        ws = _workspace(B, T, m, backend) if whiten else None
+        LAUNCHERS[backend][0](x, v, m, boot, gamma, lam, adv, ret, whiten, ws)
     return adv, ret
 
 
