@@ -10,10 +10,9 @@
 // in one variant and not another), hence bitwise-identical results under any thread count.
 //
 // Whitening: while a row is scanned, its valid advantages are summed in double shifted by the
-// row's first scanned one (count, sum d, sum d^2), and its valid range [lo, hi] is noted (with a
-// bit copy of the mask when the mask is wider than a byte). One thread then merges the rows'
-// moments in row order (moments_merge), and the valid range of each row is rescaled in place:
-// the whitening adds one read and one write of the valid advantages and a read of the mask bits.
+// row's first scanned one (count, sum d, sum d^2), and its valid range [lo, hi] is noted. One
+// thread then merges the rows' moments in row order (moments_merge), and the valid range of each row is rescaled in place:
+// the whitening adds one read and one write of the valid advantages and a read of the mask there.
 #include "cpu/scan.h"
 
 #include <algorithm>
@@ -41,15 +40,15 @@ template <typename M> FUSEDRL_HD bool is_valid(const M* p, int64_t i) { return p
 // The reverse scan of rows [b0, b0 + R): GAE when HAS_V, discounted returns otherwise.
 // Whitening side outputs of a row, gathered during its scan (W): the count n, the sums of
 // d = A - k and d^2 in double with the shift k = the row's first scanned valid advantage, the
-// range [lo, hi] of its valid tokens, and (for masks wider than a byte) the mask as bits, one
-// uint64 word per 64 tokens (stored whole as the walk leaves a word: no char stores in the loop).
+// range [lo, hi] of its valid tokens. (A bit copy of wide masks for the rescale pass was tried:
+// building it in the loop cost more than re-reading an int64 mask over the valid range.)
 struct RowWhiten {
   double n, k, s1, s2;
   int64_t lo, hi;
 };
 
 template <typename T, typename M, bool HAS_V, bool W, int R>
-void reverse_block(const ScanArgs& a, int64_t b0, RowWhiten* rw, uint64_t* bits) {
+void reverse_block(const ScanArgs& a, int64_t b0, RowWhiten* rw) {
   using acc_t = typename Acc<T>::type;
   const acc_t gamma = acc_t(a.gamma);
   const acc_t decay = acc_t(a.gamma * a.lam);
@@ -62,15 +61,10 @@ void reverse_block(const ScanArgs& a, int64_t b0, RowWhiten* rw, uint64_t* bits)
   acc_t c[R], vn[R];
   double n[R], k[R], s1[R], s2[R];
   int64_t lo[R], hi[R];
-  uint64_t* vb[R];
-  uint64_t word[R];
-  const int64_t words = (a.T + 63) / 64;
   for (int j = 0; j < R; ++j) {
     n[j] = k[j] = s1[j] = s2[j] = 0.0;
     lo[j] = a.T;
     hi[j] = -1;
-    vb[j] = (W && bits) ? bits + (b0 + j) * words : nullptr;
-    word[j] = 0;
     const int64_t b = b0 + j;
     x[j] = static_cast<const T*>(a.x) + b * a.x_stride;
     v[j] = HAS_V ? static_cast<const T*>(a.values) + b * a.values_stride : nullptr;
@@ -100,13 +94,6 @@ void reverse_block(const ScanArgs& a, int64_t b0, RowWhiten* rw, uint64_t* bits)
           n[j] += ok ? 1.0 : 0.0;
           hi[j] = (ok && hi[j] < 0) ? t : hi[j];
           lo[j] = ok ? t : lo[j];
-          if (vb[j]) {
-            word[j] |= uint64_t(ok) << (t & 63);
-            if ((t & 63) == 0) {
-              vb[j][t >> 6] = word[j];
-              word[j] = 0;
-            }
-          }
         }
       } else {
         const acc_t s = scan_step(r, c[j], decay);
@@ -135,18 +122,6 @@ void whiten_row(const ScanArgs& a, int64_t b, const M* m, int64_t lo, int64_t hi
   for (int64_t t = lo; t <= hi; ++t) {
     const acc_t w = acc_t(whiten_value(double(o[t]), mean, scale));
     o[t] = is_valid(m, t) ? w : o[t];  // masked tokens stay 0
-  }
-}
-
-// The same from the bit copy of the mask.
-template <typename T>
-void whiten_row_bits(const ScanArgs& a, int64_t b, const uint64_t* bits, int64_t lo, int64_t hi, double mean,
-                     double scale) {
-  using acc_t = typename Acc<T>::type;
-  acc_t* o = static_cast<acc_t*>(a.out) + b * a.T;
-  for (int64_t t = lo; t <= hi; ++t) {
-    const acc_t w = acc_t(whiten_value(double(o[t]), mean, scale));
-    o[t] = ((bits[t >> 6] >> (t & 63)) & 1u) ? w : o[t];
   }
 }
 
@@ -187,10 +162,7 @@ int threads_for(const ScanArgs& a, int64_t blocks) {
 template <typename T, typename M, bool HAS_V, bool W> void run_reverse(const ScanArgs& a) {
   const int64_t B = a.B;
   const int64_t blocks = (B + kRows - 1) / kRows;
-  // workspace: RowWhiten [B], then (masks wider than a byte) the mask bits [B, ceil(T / 64)]
-  RowWhiten* rws = static_cast<RowWhiten*>(a.workspace);
-  uint64_t* bits = (W && sizeof(M) > 1) ? reinterpret_cast<uint64_t*>(rws + B) : nullptr;
-  const int64_t words = (a.T + 63) / 64;
+  RowWhiten* rws = static_cast<RowWhiten*>(a.workspace);  // workspace: RowWhiten [B]
   double mean = 0.0, scale = 1.0;
 #pragma omp parallel num_threads(threads_for(a, blocks))
   {
@@ -198,9 +170,9 @@ template <typename T, typename M, bool HAS_V, bool W> void run_reverse(const Sca
     for (int64_t k = 0; k < blocks; ++k) {
       const int64_t b0 = k * kRows;
       if (b0 + kRows <= B) {
-        reverse_block<T, M, HAS_V, W, kRows>(a, b0, W ? rws + b0 : nullptr, bits);
+        reverse_block<T, M, HAS_V, W, kRows>(a, b0, W ? rws + b0 : nullptr);
       } else {
-        for (int64_t b = b0; b < B; ++b) reverse_block<T, M, HAS_V, W, 1>(a, b, W ? rws + b : nullptr, bits);
+        for (int64_t b = b0; b < B; ++b) reverse_block<T, M, HAS_V, W, 1>(a, b, W ? rws + b : nullptr);
       }
     }
     if (W) {
@@ -214,12 +186,8 @@ template <typename T, typename M, bool HAS_V, bool W> void run_reverse(const Sca
       // implicit barrier after single: mean and scale are visible to every thread
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < B; ++b) {
-        if (bits) {
-          whiten_row_bits<T>(a, b, bits + b * words, rws[b].lo, rws[b].hi, mean, scale);
-        } else {
-          whiten_row<T, M>(a, b, static_cast<const M*>(a.mask) + b * a.mask_stride, rws[b].lo, rws[b].hi, mean,
-                           scale);
-        }
+        whiten_row<T, M>(a, b, static_cast<const M*>(a.mask) + b * a.mask_stride, rws[b].lo, rws[b].hi, mean,
+                         scale);
       }
     }
   }

@@ -110,10 +110,10 @@ LAUNCHERS = {
 
 
 def _workspace(B: int, T: int, mask: Tensor, backend: str) -> Tensor:
-    """Whitening workspace (float64 words). cpu: per row (n, k, s1, s2, lo, hi), then the bits of a
-    mask wider than a byte [B, ceil(T / 64)]; cuda / triton: per row (n, mean, M2), then (mean, scale)."""
+    """Whitening workspace (float64 words). cpu: per row (n, k, s1, s2, lo, hi); cuda / triton: per
+    row (n, mean, M2), then (mean, scale)."""
     if backend == "cpu":
-        return torch.empty(6 * B + (0 if mask.element_size() == 1 else B * -(-T // 64)), dtype=torch.float64)
+        return torch.empty(6 * B, dtype=torch.float64)
     return torch.empty(3 * B + 2, dtype=torch.float64, device=mask.device)
 
 
