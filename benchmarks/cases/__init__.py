@@ -6,6 +6,6 @@ zero-argument function running one forward+backward; `impl` names include "fused
 floor_note: what the floor measures.
 """
 
-from benchmarks.cases import linear, logprobs
+from benchmarks.cases import gae, linear, logprobs
 
-CASES = {logprobs.CASE: logprobs, linear.CASE: linear, linear.memory.CASE: linear.memory}
+CASES = {logprobs.CASE: logprobs, gae.CASE: gae, linear.CASE: linear, linear.memory.CASE: linear.memory}

@@ -3,8 +3,9 @@ multi-objective rewards, phase- and segment-level advantages, GAE and discounted
 
 Each public function validates its arguments (TypeError / ValueError naming the argument), freezes
 its options into a params dataclass, normalizes the group layout to dense indices, picks a backend
-(only ``torch``, the reference in :mod:`fusedrl.reference.advantages`, exists for this family yet)
-and runs it under ``torch.no_grad()``: advantages and returns are constants for the policy loss, as
+(:func:`gae` and :func:`discounted_returns`: the ``cpu``, ``cuda`` and ``triton`` scan kernels of
+:mod:`fusedrl.ops.scan` or ``torch``; the other functions: only ``torch``, the reference in
+:mod:`fusedrl.reference.advantages`) and runs it under ``torch.no_grad()``: advantages and returns are constants for the policy loss, as
 in verl and TRL, so the outputs never require grad.
 
 Group layouts: either ``group_size`` (contiguous fixed-size groups, TRL's layout: rows
@@ -40,7 +41,8 @@ __all__ = [
     "DiscountParams",
 ]
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch",)  # the group, phase and segment estimators
+SCAN_BACKENDS = ("cpu", "cuda", "triton", "torch")  # gae, discounted_returns (fusedrl.ops.scan)
 ESTIMATORS = ("grpo", "rloo", "reinforce++", "reinforce++-baseline", "grpo_passk", "opo", "remax", "gpg")
 ESTIMATOR_ALIASES = {"reinforce_plus_plus": "reinforce++", "reinforce_plus_plus_baseline": "reinforce++-baseline"}
 SEQUENCE_ESTIMATORS = ("grpo", "rloo")  # phase_advantages / segment_advantages
@@ -551,6 +553,8 @@ def gae(
         gamma, lam: in [0, 1].
         bootstrap: ``[B]`` floating point or None.
         whiten: whiten the advantages over the valid tokens.
+        backend: ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"`` (see :mod:`fusedrl.dispatch`);
+            default: the first that runs here (C++ CPU kernel for CPU tensors).
 
     Returns:
         ``(advantages, returns)``, each ``[B, T]`` with 0 at masked tokens; float32 (float64 for
@@ -567,8 +571,12 @@ def gae(
     params = GAEParams(
         gamma=_real("gamma", gamma, 0.0, 1.0), lam=_real("lam", lam, 0.0, 1.0), whiten=check.boolean("whiten", whiten)
     )
-    _backend("gae", rewards, backend)
+    name = dispatch.select("gae", SCAN_BACKENDS, rewards.device, rewards.dtype, backend)
     with torch.no_grad():
+        if name != "torch":
+            from fusedrl.ops import scan  # noqa: PLC0415
+
+            return scan.gae_op(rewards, values, mask, bootstrap, params.gamma, params.lam, params.whiten, name)
         return ref.gae(
             rewards, values, mask, gamma=params.gamma, lam=params.lam, bootstrap=bootstrap,
             whiten_advantages=params.whiten,
@@ -597,6 +605,7 @@ def discounted_returns(
         rewards: ``[B, T]`` floating point token rewards.
         mask: ``[B, T]`` response mask (nonzero = valid).
         gamma: in [0, 1].
+        backend: ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"``, as :func:`gae`.
 
     Returns:
         ``[B, T]`` float32 (float64 for float64 rewards).
@@ -604,6 +613,10 @@ def discounted_returns(
     _token_tensor("rewards", rewards)
     _mask("mask", mask, rewards.shape[0], "rewards", rewards, shape=rewards.shape)
     params = DiscountParams(gamma=_real("gamma", gamma, 0.0, 1.0))
-    _backend("discounted_returns", rewards, backend)
+    name = dispatch.select("discounted_returns", SCAN_BACKENDS, rewards.device, rewards.dtype, backend)
     with torch.no_grad():
+        if name != "torch":
+            from fusedrl.ops import scan  # noqa: PLC0415
+
+            return scan.discounted_returns_op(rewards, mask, params.gamma, name)
         return ref.discounted_returns(rewards, mask, gamma=params.gamma)

@@ -307,6 +307,15 @@ def reverse_scan(x: torch.Tensor, valid: torch.Tensor, decay: float, init: torch
     return out
 
 
+def prefix_sum(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    r"""Masked prefix sum over the last dim of ``x [B, T]``: :math:`\mathrm{out}_t = \sum_{t' \le t,
+    t' \text{ valid}} x_{t'}` at valid t, 0 at invalid t (whose x is never used). The cumulative
+    log-ratio of the policy primitive (CTPO) is this scan of :math:`\rho`. Accumulates in the
+    accumulation dtype (float32; float64 for float64)."""
+    xs = torch.where(valid, x.to(accumulation_dtype(x.dtype)), 0.0)
+    return torch.where(valid, xs.cumsum(-1), 0.0)
+
+
 def next_valid(values: torch.Tensor, valid: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
     """``out[b, t]`` = ``values[b, t']`` at the first valid t' > t, or ``fill[b]`` when there is none."""
     B, T = values.shape
