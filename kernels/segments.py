@@ -21,7 +21,7 @@ rounded once to the output dtype (float32, float64 for float64 values). Sums ins
 Triton tree reductions of a fixed shape and blocks are added in row order, so the results do not
 depend on anything but the inputs and BLOCK. M, C, strides, the group size and the singleton rule
 are runtime arguments; only BLOCK and the presence flags are ``tl.constexpr``. The CSR layout
-(rows of each group in increasing row order) is built by the launcher with a stable sort.
+(rows of each group in increasing row order) is built by the caller with a stable sort.
 """
 
 from __future__ import annotations
@@ -148,20 +148,13 @@ def _segment_kernel(
         tl.store(argmax_ptr + o, tl.where(empty, 0, tl.where(am < 0, M, am)))
 
 
-def csr(index: torch.Tensor, num_groups: int):
-    """(offsets [G + 1], order [M]): the rows of group g are order[offsets[g]:offsets[g + 1]], in
-    increasing row order (a stable sort of the ids)."""
-    order = torch.sort(index, stable=True).indices
-    offsets = torch.zeros(num_groups + 1, dtype=torch.int64, device=index.device)
-    torch.cumsum(torch.bincount(index, minlength=num_groups), 0, out=offsets[1:])
-    return offsets, order
-
-
-def segment_stats(values, index, group_size, num_groups, weight, singleton, outs):
+def segment_stats(values, offsets, order, group_size, num_groups, weight, singleton, outs):
+    """Launch over ``num_groups`` programs. ``offsets``/``order``: the CSR layout of dense ids
+    (fusedrl.ops.segments.csr), or None for contiguous groups of ``group_size`` rows."""
     M, C = values.shape
     count, mean, var, std, loo, gmax, second, argmax, wmean = outs
-    if index is not None:
-        offsets, order = csr(index, num_groups)
+    has_index = offsets is not None
+    if has_index:
         largest = int((offsets[1:] - offsets[:-1]).max()) if num_groups else 0
     else:
         offsets = order = torch.zeros(1, dtype=torch.int64, device=values.device)
@@ -172,5 +165,5 @@ def segment_stats(values, index, group_size, num_groups, weight, singleton, outs
         values, offsets, order, weight if weight is not None else dummy,
         count, mean, var, std, loo, gmax, second, argmax, wmean,
         M, C, values.stride(0), values.stride(1), group_size, singleton,
-        HAS_INDEX=index is not None, HAS_WEIGHT=weight is not None, BLOCK=block,
+        HAS_INDEX=has_index, HAS_WEIGHT=weight is not None, BLOCK=block,
     )

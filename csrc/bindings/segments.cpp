@@ -56,10 +56,12 @@ void segments(py::module_& m) {
       [](uintptr_t values, int dtype, int64_t M, int64_t C, int64_t row_stride, int64_t col_stride, uintptr_t index,
          int64_t group_size, int64_t G, uintptr_t weight, int singleton, uintptr_t count, uintptr_t mean,
          uintptr_t var, uintptr_t std, uintptr_t loo, uintptr_t max, uintptr_t second, uintptr_t argmax,
-         uintptr_t wmean, uintptr_t scratch, uintptr_t stream) {
+         uintptr_t wmean, uintptr_t offsets, uintptr_t order, uintptr_t stream) {
         SegmentArgs a = make_args(values, dtype, M, C, row_stride, col_stride, index, group_size, G, weight, singleton,
                                   count, mean, var, std, loo, max, second, argmax, wmean);
-        check_cuda(fusedrl::cuda::segment_stats(a, ptr<int64_t>(scratch), stream), "segment_stats_cuda");
+        a.offsets = ptr<const int64_t>(offsets);
+        a.order = ptr<const int64_t>(order);
+        check_cuda(fusedrl::cuda::segment_stats(a, stream), "segment_stats_cuda");
       },
       py::call_guard<py::gil_scoped_release>());
 #endif

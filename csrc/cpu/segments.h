@@ -30,7 +30,9 @@ struct SegmentArgs {
   int64_t* argmax = nullptr;
   void* wmean = nullptr;
   int64_t num_threads = 1;  // CPU only
-  // Filled by the kernels: the rows of group g are order[offsets[g] .. offsets[g + 1]) (ascending).
+  // CSR layout of the dense ids: the rows of group g are order[offsets[g] .. offsets[g + 1]) in
+  // increasing row order. The CPU kernel builds it itself (counting sort); the CUDA launcher is
+  // given it (a stable device sort in Python).
   const int64_t* offsets = nullptr;
   const int64_t* order = nullptr;
 };
@@ -41,8 +43,8 @@ bool segment_stats(const SegmentArgs& a);
 
 #if defined(FUSEDRL_WITH_CUDA)
 namespace cuda {
-// scratch: 2 * G + 1 + M int64 of device memory (null when index is null). Returns an error or null.
-const char* segment_stats(const SegmentArgs& a, int64_t* scratch, uintptr_t stream);
+// offsets/order must be set when index is set. Returns a CUDA error string or null.
+const char* segment_stats(const SegmentArgs& a, uintptr_t stream);
 }  // namespace cuda
 #endif
 

@@ -74,4 +74,84 @@ FUSEDRL_HD double segment_loo_value(const SegmentMoments& s, double x, int singl
 
 FUSEDRL_HD double max_nan(double m, double x) { return (x > m || x != x) ? x : m; }
 
+FUSEDRL_HD double load_double(const float* p) { return *p; }
+FUSEDRL_HD double load_double(const double* p) { return *p; }
+FUSEDRL_HD double load_double(const bf16_t* p) { return to_float(*p); }
+FUSEDRL_HD double load_double(const f16_t* p) { return to_float(*p); }
+
+// Every statistic of group g, all columns (the whole per-group kernel, run by one CPU or GPU
+// thread). Args is fusedrl::SegmentArgs (csrc/cpu/segments.h): values of type T, outputs of
+// type acc_t; with a.order set, the rows of g are a.order[a.offsets[g] ..], else the contiguous
+// run of a.group_size rows. Per column: pass 1 the max; pass 2 the first max row, the second max
+// (the max of the other rows), the shifted and weighted sums; pass 3 the squared deviations;
+// pass 4 the leave-one-out means.
+template <typename T, typename acc_t, typename Args>
+FUSEDRL_HD void segment_group(const Args& a, int64_t g) {
+  const T* v = static_cast<const T*>(a.values);
+  const acc_t* w = static_cast<const acc_t*>(a.weight);
+  acc_t* loo = static_cast<acc_t*>(a.loo);
+  const int64_t C = a.C, rs = a.row_stride, cs = a.col_stride;
+  const double inf = HUGE_VAL;
+  const int64_t* rows = nullptr;
+  int64_t base, n;
+  if (a.order) {
+    base = a.offsets[g];
+    n = a.offsets[g + 1] - base;
+    rows = a.order + base;
+  } else {
+    base = g * a.group_size;
+    n = a.group_size;
+  }
+  static_cast<acc_t*>(a.count)[g] = acc_t(n);
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t o = g * C + c;
+    acc_t* outs[6] = {static_cast<acc_t*>(a.mean), static_cast<acc_t*>(a.var), static_cast<acc_t*>(a.std),
+                      static_cast<acc_t*>(a.max), static_cast<acc_t*>(a.second), static_cast<acc_t*>(a.wmean)};
+    if (n == 0) {
+      for (int i = 0; i < 6; ++i) outs[i][o] = acc_t(0);
+      a.argmax[o] = 0;
+      continue;
+    }
+    const T* col = v + c * cs;
+    SegmentMoments s;
+    s.n = double(n);
+    double m = -inf;
+    for (int64_t k = 0; k < n; ++k) m = max_nan(m, load_double(col + (rows ? rows[k] : base + k) * rs));
+    s.max = m;
+    int64_t am = -1;
+    double sec = -inf;
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t r = rows ? rows[k] : base + k;
+      const double x = load_double(col + r * rs);
+      if (am < 0 && x == m) {
+        am = r;
+      } else {
+        sec = max_nan(sec, x);
+      }
+      s.shifted += x - m;
+      if (w) {
+        s.wsum += double(w[r]);
+        s.wx += double(w[r]) * (x - m);
+      }
+    }
+    const double mu = segment_mean(s);
+    for (int64_t k = 0; k < n; ++k) {
+      const double d = load_double(col + (rows ? rows[k] : base + k) * rs) - mu;
+      s.sq += d * d;
+    }
+    const SegmentResult res = segment_result(s, w != nullptr, a.singleton);
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t r = rows ? rows[k] : base + k;
+      loo[r * C + c] = acc_t(segment_loo_value(s, load_double(col + r * rs), a.singleton));
+    }
+    outs[0][o] = acc_t(res.mean);
+    outs[1][o] = acc_t(res.var);
+    outs[2][o] = acc_t(sqrt(res.var));
+    outs[3][o] = acc_t(m);
+    outs[4][o] = acc_t(sec);
+    outs[5][o] = acc_t(res.wmean);
+    a.argmax[o] = am < 0 ? a.M : am;  // no row equals a NaN max (the reference's sentinel M)
+  }
+}
+
 }  // namespace fusedrl

@@ -41,11 +41,19 @@ def _cpu(values, index, group_size, num_groups, weight, singleton, outs):
     )
 
 
+def csr(index: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
+    """(offsets [G + 1], order [M]) of dense ids: the rows of group g are
+    ``order[offsets[g]:offsets[g + 1]]`` in increasing row order (a stable sort: deterministic)."""
+    order = torch.sort(index, stable=True).indices
+    offsets = torch.zeros(num_groups + 1, dtype=torch.int64, device=index.device)
+    torch.cumsum(torch.bincount(index, minlength=num_groups), 0, out=offsets[1:])
+    return offsets, order
+
+
 def _cuda(values, index, group_size, num_groups, weight, singleton, outs):
-    M = values.shape[0]
-    scratch = None if index is None else torch.empty(2 * num_groups + 1 + M, dtype=torch.int64, device=values.device)
+    offsets, order = csr(index, num_groups) if index is not None else (None, None)
     _ext.load().segment_stats_cuda(
-        *_args(values, index, group_size, num_groups, weight, singleton, outs), _ext.ptr(scratch),
+        *_args(values, index, group_size, num_groups, weight, singleton, outs), _ext.ptr(offsets), _ext.ptr(order),
         torch.cuda.current_stream(values.device).cuda_stream,
     )
 
@@ -53,7 +61,8 @@ def _cuda(values, index, group_size, num_groups, weight, singleton, outs):
 def _triton(values, index, group_size, num_groups, weight, singleton, outs):
     from fusedrl.kernels import segments as k  # noqa: PLC0415  (imports triton)
 
-    k.segment_stats(values, index, group_size, num_groups, weight, SINGLETON_CODES[singleton], outs)
+    offsets, order = csr(index, num_groups) if index is not None else (None, None)
+    k.segment_stats(values, offsets, order, group_size, num_groups, weight, SINGLETON_CODES[singleton], outs)
 
 
 LAUNCHERS = {"cpu": _cpu, "cuda": _cuda, "triton": _triton}
