@@ -6,6 +6,6 @@ zero-argument function running one forward+backward; `impl` names include "fused
 floor_note: what the floor measures.
 """
 
-from benchmarks.cases import logprobs
+from benchmarks.cases import advantages, logprobs
 
-CASES = {logprobs.CASE: logprobs}
+CASES = {logprobs.CASE: logprobs, advantages.CASE: advantages}
