@@ -41,7 +41,7 @@ def _segment_kernel(
     values_ptr, offsets_ptr, order_ptr, weight_ptr,
     count_ptr, mean_ptr, var_ptr, std_ptr, loo_ptr, max_ptr, second_ptr, argmax_ptr, wmean_ptr,
     M, C, stride_row, stride_col, group_size, singleton,
-    HAS_INDEX: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_INDEX: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_LOO: tl.constexpr, BLOCK: tl.constexpr,
 ):
     g = tl.program_id(0).to(tl.int64)
     if HAS_INDEX:
@@ -125,8 +125,8 @@ def _segment_kernel(
         r_mean = tl.where(single & verl, 0.0, mean)
         r_wmean = tl.where(single, tl.where(verl, 0.0, mean), wmean)
         r_var = tl.where(single & verl, 1.0, var)
-        # pass 4: leave-one-out means (segment_loo_value)
-        for k0 in range(0, n, BLOCK):
+        # pass 4: leave-one-out means (segment_loo_value), when wanted
+        for k0 in range(0, n if HAS_LOO else 0, BLOCK):
             k = k0 + lanes
             ok = k < n
             if HAS_INDEX:
@@ -163,7 +163,7 @@ def segment_stats(values, offsets, order, group_size, num_groups, weight, single
     dummy = mean
     _segment_kernel[(num_groups,)](
         values, offsets, order, weight if weight is not None else dummy,
-        count, mean, var, std, loo, gmax, second, argmax, wmean,
+        count, mean, var, std, loo if loo.numel() else dummy, gmax, second, argmax, wmean,
         M, C, values.stride(0), values.stride(1), group_size, singleton,
-        HAS_INDEX=has_index, HAS_WEIGHT=weight is not None, BLOCK=block,
+        HAS_INDEX=has_index, HAS_WEIGHT=weight is not None, HAS_LOO=loo.numel() > 0, BLOCK=block,
     )

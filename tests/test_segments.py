@@ -148,9 +148,9 @@ def test_deterministic_across_threads(backend):
 def test_custom_op(backend):
     values = torch.randn(12, 2)
     index = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 3, 3])
-    args = (values, index, 0, 4, torch.rand(12), "verl", backend)
+    args = (values, index, 0, 4, torch.rand(12), "verl", True, backend)
     torch.library.opcheck(seg.segment_stats_op, args, test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(seg.segment_stats_op, (values, None, 3, 4, None, "zero", backend),
+    torch.library.opcheck(seg.segment_stats_op, (values, None, 3, 4, None, "zero", False, backend),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -239,3 +239,15 @@ def test_public_default_is_the_kernel_and_deterministic():
     assert torch.equal(a, b)
     zero_var = fusedrl.group_advantages(torch.full((8,), 0.3), group_size=4)
     assert torch.all(zero_var == 0)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_need_loo_false_skips_only_loo(backend):
+    values = torch.randn(12, 2)
+    index = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 3, 3])
+    full = seg.group_stats(values, index, 4, backend=backend)
+    part = seg.group_stats(values, index, 4, need_loo=False, backend=backend)
+    assert part.loo_mean.shape == (0, 2)
+    for name, a, b in zip(FIELDS, full, part):
+        if name != "loo_mean":
+            assert torch.equal(a, b), name

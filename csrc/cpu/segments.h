@@ -10,7 +10,7 @@ namespace fusedrl {
 // fixed-size runs (index null: row r is in group r / group_size) or given by dense ids
 // index [M] in [0, G). Outputs are in the accumulation type (fp32, fp64 for fp64 values):
 // count [G], mean/var/std/max/second/wmean [G, C], argmax [G, C] int64, loo [M, C]
-// (all contiguous). weight [M] (accumulation type) may be null (then wmean = mean).
+// (all contiguous; loo may be null: not computed). weight [M] (accumulation type) may be null (then wmean = mean).
 struct SegmentArgs {
   const void* values = nullptr;
   int dtype = 0;  // fusedrl::DType of values

@@ -196,11 +196,11 @@ def _segment_stats(op: str, tensor: torch.Tensor, backend, index, group_size):
         return ref.group_stats
     from fusedrl.ops import segments  # noqa: PLC0415
 
-    def stats(values, idx, num_groups, *, weight=None, singleton="verl"):
+    def stats(values, idx, num_groups, *, weight=None, singleton="verl", need_loo=True):
         size = group_size if (group_size is not None and idx is index) else None
         return segments.group_stats(
             values, None if size else idx, num_groups, weight=weight, singleton=singleton, group_size=size,
-            backend=name,
+            need_loo=need_loo, backend=name,
         )
 
     return stats

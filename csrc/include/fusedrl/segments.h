@@ -140,7 +140,7 @@ FUSEDRL_HD void segment_group(const Args& a, int64_t g) {
       s.sq += d * d;
     }
     const SegmentResult res = segment_result(s, w != nullptr, a.singleton);
-    for (int64_t k = 0; k < n; ++k) {
+    for (int64_t k = 0; loo && k < n; ++k) {  // loo null: not wanted
       const int64_t r = rows ? rows[k] : base + k;
       loo[r * C + c] = acc_t(segment_loo_value(s, load_double(col + r * rs), a.singleton));
     }

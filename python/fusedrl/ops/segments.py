@@ -31,7 +31,7 @@ def _args(values, index, group_size, num_groups, weight, singleton, outs):
     return (
         values.data_ptr(), _ext.DTYPE_CODES[values.dtype], M, C, values.stride(0), values.stride(1),
         _ext.ptr(index), group_size, num_groups, _ext.ptr(weight), SINGLETON_CODES[singleton],
-        *(t.data_ptr() for t in outs),
+        *(t.data_ptr() if t.numel() else 0 for t in outs),  # an empty loo_mean: not computed
     )
 
 
@@ -75,31 +75,31 @@ def _fresh(shape, dtype, device):
     return _ext.empty(shape, torch.float64, device).nan_to_num_(-1.0).to(dtype)
 
 
-def _empty_outputs(values: Tensor, num_groups: int, fresh):
+def _empty_outputs(values: Tensor, num_groups: int, need_loo: bool, fresh):
     M, C = values.shape
     dt = _out_dtype(values.dtype)
     dev = values.device
     g = (num_groups, C)
     return (
         fresh((num_groups, 1), dt, dev), fresh(g, dt, dev), fresh(g, dt, dev), fresh(g, dt, dev),
-        fresh((M, C), dt, dev), fresh(g, dt, dev), fresh(g, dt, dev), fresh(g, torch.int64, dev), fresh(g, dt, dev),
+        fresh((M if need_loo else 0, C), dt, dev), fresh(g, dt, dev), fresh(g, dt, dev), fresh(g, torch.int64, dev), fresh(g, dt, dev),
     )
 
 
 @torch.library.custom_op("fusedrl::segment_stats", mutates_args=())
 def segment_stats_op(
     values: Tensor, index: Tensor | None, group_size: int, num_groups: int, weight: Tensor | None, singleton: str,
-    backend: str,
+    need_loo: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    outs = _empty_outputs(values, num_groups, _fresh)
+    outs = _empty_outputs(values, num_groups, need_loo, _fresh)
     if num_groups > 0:
         LAUNCHERS[backend](values, index, group_size, num_groups, weight, singleton, outs)
     return outs
 
 
 @segment_stats_op.register_fake
-def _(values, index, group_size, num_groups, weight, singleton, backend):
-    return _empty_outputs(values, num_groups, lambda shape, dt, dev: values.new_empty(shape, dtype=dt))
+def _(values, index, group_size, num_groups, weight, singleton, need_loo, backend):
+    return _empty_outputs(values, num_groups, need_loo, lambda shape, dt, dev: values.new_empty(shape, dtype=dt))
 
 
 def group_stats(
@@ -110,13 +110,15 @@ def group_stats(
     weight: Tensor | None = None,
     singleton: str = "verl",
     group_size: int | None = None,
+    need_loo: bool = True,
     backend: str = "cpu",
 ):
     """:func:`fusedrl.reference.advantages.group_stats` computed by the ``backend`` kernel.
 
     ``values [M, C]`` (any strides); ``index [M]`` dense int64 ids, or None with ``group_size`` for
     contiguous groups (``num_groups == 1`` never reads the index: one group of every row). ``weight
-    [M]`` as the reference (OPO's lengths). Inputs are assumed validated.
+    [M]`` as the reference (OPO's lengths). ``need_loo=False`` skips the leave-one-out means
+    (``loo_mean`` is then an empty ``[0, C]`` tensor). Inputs are assumed validated.
     """
     from fusedrl.reference.advantages import GroupStats  # noqa: PLC0415
 
@@ -129,6 +131,6 @@ def group_stats(
     if weight is not None:
         weight = weight.to(_out_dtype(values.dtype)).contiguous()
     count, mean, var, std, loo, gmax, second, argmax, wmean = segment_stats_op(
-        values, index, int(group_size), int(num_groups), weight, singleton, backend
+        values, index, int(group_size), int(num_groups), weight, singleton, bool(need_loo), backend
     )
     return GroupStats(count, mean, var, std, loo, gmax, second, argmax, wmean)
