@@ -6,6 +6,12 @@ zero-argument function running one forward+backward; `impl` names include "fused
 floor_note: what the floor measures.
 """
 
-from benchmarks.cases import gae, linear, logprobs
+from benchmarks.cases import advantages, gae, linear, logprobs
 
-CASES = {logprobs.CASE: logprobs, gae.CASE: gae, linear.CASE: linear, linear.memory.CASE: linear.memory}
+CASES = {
+    logprobs.CASE: logprobs,
+    advantages.CASE: advantages,
+    gae.CASE: gae,
+    linear.CASE: linear,
+    linear.memory.CASE: linear.memory,
+}

@@ -25,6 +25,7 @@ inline void check_cuda(const char* err, const char* what) {
 // One registration function per primitive (csrc/bindings/<primitive>.cpp), called by module.cpp.
 void logprobs(py::module_& m);
 void scan(py::module_& m);
+void segments(py::module_& m);
 
 }  // namespace bind
 }  // namespace fusedrl

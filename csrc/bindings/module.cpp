@@ -14,4 +14,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa", &fusedrl::cpu::isa_name, "The instruction set the CPU kernels run with here.");
   fusedrl::bind::logprobs(m);
   fusedrl::bind::scan(m);
+  fusedrl::bind::segments(m);
 }

@@ -3,8 +3,9 @@ multi-objective rewards, phase- and segment-level advantages, GAE and discounted
 
 Each public function validates its arguments (TypeError / ValueError naming the argument), freezes
 its options into a params dataclass, normalizes the group layout to dense indices, picks a backend
-(:func:`gae` and :func:`discounted_returns`: the ``cpu``, ``cuda`` and ``triton`` scan kernels of
-:mod:`fusedrl.ops.scan` or ``torch``; the other functions: only ``torch``, the reference in
+(the group estimators take their group statistics from the segment-statistics kernels ``cpu``,
+``cuda``, ``triton`` of :mod:`fusedrl.ops.segments`; :func:`gae` and :func:`discounted_returns` run the
+scan kernels of :mod:`fusedrl.ops.scan`; ``torch`` is the reference in
 :mod:`fusedrl.reference.advantages`) and runs it under ``torch.no_grad()``: advantages and returns are constants for the policy loss, as
 in verl and TRL, so the outputs never require grad.
 
@@ -41,7 +42,8 @@ __all__ = [
     "DiscountParams",
 ]
 
-BACKENDS = ("torch",)  # the group, phase and segment estimators
+# group_advantages, phase_advantages, segment_advantages: the segment-statistics kernels
+SEGMENT_BACKENDS = ("cpu", "cuda", "triton", "torch")
 SCAN_BACKENDS = ("cpu", "cuda", "triton", "torch")  # gae, discounted_returns (fusedrl.ops.scan)
 ESTIMATORS = ("grpo", "rloo", "reinforce++", "reinforce++-baseline", "grpo_passk", "opo", "remax", "gpg")
 ESTIMATOR_ALIASES = {"reinforce_plus_plus": "reinforce++", "reinforce_plus_plus_baseline": "reinforce++-baseline"}
@@ -182,8 +184,23 @@ def _groups(rows: int, group_ids, group_size, like: torch.Tensor, required: bool
     return None, 0
 
 
-def _backend(op: str, tensor: torch.Tensor, backend) -> str:
-    return dispatch.select(op, BACKENDS, tensor.device, tensor.dtype, backend)
+def _segment_stats(op: str, tensor: torch.Tensor, backend, index, group_size):
+    """The ``group_stats`` implementation of the backend chosen for ``op``: the reference's for
+    ``torch``, else the segment-statistics kernel (:mod:`fusedrl.ops.segments`). Statistics over
+    the call's own layout built from ``group_size`` read no index (contiguous groups)."""
+    name = dispatch.select(op, SEGMENT_BACKENDS, tensor.device, tensor.dtype, backend)
+    if name == "torch":
+        return ref.group_stats
+    from fusedrl.ops import segments  # noqa: PLC0415
+
+    def stats(values, idx, num_groups, *, weight=None, singleton="verl", need_loo=True):
+        size = group_size if (group_size is not None and idx is index) else None
+        return segments.group_stats(
+            values, None if size else idx, num_groups, weight=weight, singleton=singleton, group_size=size,
+            need_loo=need_loo, backend=name,
+        )
+
+    return stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,7 +293,9 @@ def group_advantages(
             Required by ``"opo"``.
         baseline: ``[N]`` floating point, the ReMax baseline rewards (``"remax"`` only).
         gamma: discount in [0, 1] of ``"reinforce++"`` (masked tokens are skipped, not discounted).
-        backend: see :mod:`fusedrl.dispatch`; only ``"torch"`` runs this family for now.
+        backend: see :mod:`fusedrl.dispatch`: the group statistics run in the segment-statistics
+            kernels (``"cpu"``, ``"cuda"``, ``"triton"``) or the reference (``"torch"``); the
+            estimators compose them with elementwise torch ops in every case.
 
     Returns:
         advantages ``[N]``, or ``[N, T]`` when ``mask`` is given; float32 (float64 for float64
@@ -346,7 +365,7 @@ def group_advantages(
         estimator=est, scale=scale, eps=eps, combine=combine, weights=weights_t, ideal=ideal_t,
         var_coef=var_coef, gamma=gamma, singleton=singleton,
     )
-    _backend("group_advantages", rewards, backend)  # only "torch" exists for this family
+    stats = _segment_stats("group_advantages", rewards, backend, index, group_size)
     dtype = ref.accumulation_dtype(rewards.dtype)
 
     def as_tensor(values):
@@ -358,6 +377,7 @@ def group_advantages(
             estimator=params.estimator, scale=params.scale, eps=params.eps,
             weights=as_tensor(params.weights), combine=params.combine, ideal=as_tensor(params.ideal),
             var_coef=params.var_coef, mask=mask, baseline=baseline, gamma=params.gamma, singleton=params.singleton,
+            stats=stats,
         )
 
 
@@ -432,11 +452,11 @@ def phase_advantages(
     est, scale, eps, singleton = _sequence_options(estimator, scale, eps, singleton)
     index, num_groups = _groups(N, group_ids, group_size, rewards)
     params = PhaseAdvantageParams(estimator=est, scale=scale, eps=eps, singleton=singleton)
-    _backend("phase_advantages", rewards, backend)
+    stats = _segment_stats("phase_advantages", rewards, backend, index, group_size)
     with torch.no_grad():
         return ref.phase_advantages(
             rewards, phase_ids, index, num_groups, mask=mask,
-            estimator=params.estimator, scale=params.scale, eps=params.eps, singleton=params.singleton,
+            estimator=params.estimator, scale=params.scale, eps=params.eps, singleton=params.singleton, stats=stats,
         )
 
 
@@ -496,11 +516,12 @@ def segment_advantages(
     lam = _real("lam", lam)
     index, num_groups = _groups(N, group_ids, group_size, trajectory_rewards)
     params = SegmentAdvantageParams(estimator=est, scale=scale, eps=eps, singleton=singleton, lam=lam)
-    _backend("segment_advantages", trajectory_rewards, backend)
+    stats = _segment_stats("segment_advantages", trajectory_rewards, backend, index, group_size)
     with torch.no_grad():
         return ref.segment_advantages(
             trajectory_rewards, segment_rewards, segment_ids, index, num_groups, mask=mask, lam=params.lam,
             estimator=params.estimator, scale=params.scale, eps=params.eps, singleton=params.singleton,
+            stats=stats,
         )
 
 

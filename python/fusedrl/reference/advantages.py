@@ -56,7 +56,8 @@ def group_index(n: int, group_ids: torch.Tensor | None = None, group_size: int |
     if group_ids is not None:
         unique, inverse = torch.unique(group_ids.reshape(-1), return_inverse=True)
         return inverse.to(torch.int64), int(unique.numel())
-    return torch.arange(n, device=device) // group_size, n // group_size
+    # (arange(G) repeated group_size times: the same ids as arange(n) // group_size, built faster)
+    return torch.arange(n // group_size, device=device).repeat_interleave(group_size), n // group_size
 
 
 class GroupStats(NamedTuple):
@@ -89,6 +90,7 @@ def group_stats(
     *,
     weight: torch.Tensor | None = None,
     singleton: str = "verl",
+    need_loo: bool = True,
 ) -> GroupStats:
     r"""Per-group statistics of ``values [M, C]`` (each column independent) for dense ``index [M]``.
 
@@ -104,7 +106,9 @@ def group_stats(
     to the max). weighted mean (OPO's length-weighted baseline): ``sum w x / sum w`` over the group
     (0 when ``sum w = 0``). Singleton groups (n_g = 1): ``singleton="verl"``: mean, weighted mean
     and leave-one-out mean 0, std 1; ``singleton="zero"``: mean, weighted mean and leave-one-out
-    mean = the row's value, std 0. Everything is vectorized with ``index_add_`` /
+    mean = the row's value, std 0. ``need_loo=False`` is a hint that the caller does not read
+    ``loo_mean`` (the kernels then skip that ``[M, C]`` output; the reference computes it anyway).
+    Everything is vectorized with ``index_add_`` /
     ``scatter_reduce_`` over the dense index.
     """
     M = values.shape[0]
@@ -154,28 +158,32 @@ def group_stats(
     return GroupStats(count, mean, var, var.sqrt(), loo, gmax, second, argmax, wmean)
 
 
-def whiten(values: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+def whiten(values: torch.Tensor, valid: torch.Tensor | None = None, *, stats=None) -> torch.Tensor:
     r"""verl's ``masked_whiten``: :math:`(x - \bar x) / \sqrt{s^2 + 10^{-8}}` over the valid entries.
 
     :math:`\bar x` and the unbiased :math:`s^2` are taken over every valid entry of ``values`` (any
     shape) at once; invalid entries come out 0. verl also adds 1e-8 to the token count inside its
     mean (a relative change of 1e-8 / n, not reproduced). verl raises for fewer than 2 valid
-    entries; here one valid entry whitens to 0 and none gives all zeros.
+    entries; here one valid entry whitens to 0 and none gives all zeros. ``stats``: the
+    :func:`group_stats` implementation to use (default this module's; the public functions pass a
+    kernel's).
     """
+    stats = group_stats if stats is None else stats
     if valid is None:
         valid = torch.ones_like(values, dtype=torch.bool)
     x = values[valid].unsqueeze(-1)
-    st = group_stats(x, torch.zeros(x.shape[0], dtype=torch.int64, device=x.device), 1, singleton="zero")
+    st = stats(x, torch.zeros(x.shape[0], dtype=torch.int64, device=x.device), 1, singleton="zero")
     out = torch.zeros_like(values)
     out[valid] = ((x - st.mean) * torch.rsqrt(st.var + WHITEN_EPS)).squeeze(-1)
     return out
 
 
-def batch_normalize(values: torch.Tensor, eps: float) -> torch.Tensor:
+def batch_normalize(values: torch.Tensor, eps: float, *, stats=None) -> torch.Tensor:
     r"""TRL's batch normalization of ``values [N]``: :math:`(x - \bar x) / (s + \epsilon)`, unbiased
     :math:`s` over the batch (``normalize_then_sum``'s last step; a batch of one gives 0)."""
     x = values.unsqueeze(-1)
-    st = group_stats(x, torch.zeros(x.shape[0], dtype=torch.int64, device=x.device), 1, singleton="zero")
+    stats = group_stats if stats is None else stats
+    st = stats(x, torch.zeros(x.shape[0], dtype=torch.int64, device=x.device), 1, singleton="zero")
     return ((x - st.mean) / (st.std + eps)).squeeze(-1)
 
 
@@ -186,14 +194,14 @@ def batch_normalize(values: torch.Tensor, eps: float) -> torch.Tensor:
 GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce++-baseline", "grpo_passk", "opo", "gpg")
 
 
-def _denominator(values, index, num_groups, stats, scale, eps, singleton):
+def _denominator(values, index, num_groups, stats, scale, eps, singleton, stats_fn):
     """The divisor of grpo / grpo_passk per group ``[G, C]``: std + eps ("group"), batch std + eps
     ("batch", the batch counted as one group), or 1 ("none")."""
     if scale == "group":
         return stats.std + eps
     if scale == "batch":
         one = torch.zeros_like(index)
-        batch = group_stats(values, one, 1, singleton=singleton)
+        batch = stats_fn(values, one, 1, singleton=singleton)
         return (batch.std + eps).expand_as(stats.std)
     return torch.ones_like(stats.std)
 
@@ -208,6 +216,7 @@ def outcome_advantages(
     eps: float = 1e-6,
     singleton: str = "verl",
     lengths: torch.Tensor | None = None,
+    stats=None,
 ) -> torch.Tensor:
     r"""Per-row advantages of the group estimators for rewards ``[M, C]`` (columns independent).
 
@@ -224,12 +233,16 @@ def outcome_advantages(
       (verl ``compute_opo_outcome_advantage``).
     - ``gpg``: :math:`\alpha (R_i - \bar R_g)` with :math:`\alpha = M / \max(\#\{j: R_j \ne 0\}, 1)`
       counted over the whole batch (verl ``compute_gpg_outcome_advantage``, ``f_norm = 1``).
+
+    ``stats``: the :func:`group_stats` implementation (default this module's; the public functions
+    pass the segment-statistics kernel of the chosen backend, so the estimators exist once).
     """
-    st = group_stats(rewards, index, num_groups, weight=lengths, singleton=singleton)
+    stats = group_stats if stats is None else stats
+    st = stats(rewards, index, num_groups, weight=lengths, singleton=singleton, need_loo=estimator == "rloo")
     if estimator in ("grpo", "reinforce++-baseline", "gpg"):
         centered = rewards - st.mean[index]
         if estimator == "grpo":
-            return centered / _denominator(rewards, index, num_groups, st, scale, eps, singleton)[index]
+            return centered / _denominator(rewards, index, num_groups, st, scale, eps, singleton, stats)[index]
         if estimator == "gpg":
             nonzero = (rewards != 0).sum(0, keepdim=True).to(rewards.dtype)
             return centered * (rewards.shape[0] / nonzero.clamp_min(1))
@@ -239,7 +252,7 @@ def outcome_advantages(
     if estimator == "opo":
         return rewards - st.weighted_mean[index]
     if estimator == "grpo_passk":
-        gap = (st.max - st.second_max) / _denominator(rewards, index, num_groups, st, scale, eps, singleton)
+        gap = (st.max - st.second_max) / _denominator(rewards, index, num_groups, st, scale, eps, singleton, stats)
         out = torch.zeros_like(rewards)
         return out.scatter_(0, st.argmax, gap)
     raise ValueError(f"estimator must be one of {GROUP_ESTIMATORS}, got {estimator!r}")
@@ -411,6 +424,7 @@ def group_advantages(
     baseline: torch.Tensor | None = None,
     gamma: float = 1.0,
     singleton: str = "verl",
+    stats=None,
 ) -> torch.Tensor:
     r"""Outcome advantages from rewards ``[N]`` or ``[N, K]`` (see :func:`fusedrl.group_advantages`).
 
@@ -423,6 +437,9 @@ def group_advantages(
        the reward placed at the last valid token (without ``mask``: of R over the batch);
        ``reinforce++-baseline``: :func:`whiten` of :math:`R - \bar R_g` over valid tokens.
     3. With ``mask`` the result is broadcast to ``[N, T]`` with 0 at masked tokens.
+
+    ``stats``: the :func:`group_stats` implementation used for every statistic (default this
+    module's).
     """
     dtype = accumulation_dtype(rewards.dtype)
     R = rewards.to(dtype)
@@ -433,12 +450,12 @@ def group_advantages(
         w = torch.ones(R.shape[1], dtype=dtype, device=R.device) if weights is None else weights.to(R.device, dtype)
         if combine == "normalize_then_sum":
             per_objective = outcome_advantages(
-                R, index, num_groups, estimator="grpo", scale=scale, eps=eps, singleton=singleton
+                R, index, num_groups, estimator="grpo", scale=scale, eps=eps, singleton=singleton, stats=stats
             )
             summed = per_objective @ w
             if valid is None:
-                return batch_normalize(summed, eps)
-            return whiten(_broadcast(summed, valid), valid)
+                return batch_normalize(summed, eps, stats=stats)
+            return whiten(_broadcast(summed, valid), valid, stats=stats)
         z = None if ideal is None else ideal.to(R.device, dtype)
         R = combine_objectives(R, combine, w, ideal=z, var_coef=var_coef)
 
@@ -446,14 +463,14 @@ def group_advantages(
         return _broadcast(R - baseline.to(dtype), valid)
     if estimator == "reinforce++":
         if valid is None:
-            return whiten(R)
-        return whiten(discounted_returns(last_valid_scatter(R, valid), valid, gamma=gamma), valid)
+            return whiten(R, stats=stats)
+        return whiten(discounted_returns(last_valid_scatter(R, valid), valid, gamma=gamma), valid, stats=stats)
     adv = outcome_advantages(
         R.unsqueeze(-1), index, num_groups, estimator=estimator, scale=scale, eps=eps, singleton=singleton,
-        lengths=lengths,
+        lengths=lengths, stats=stats,
     ).squeeze(-1)
     if estimator == "reinforce++-baseline":
-        return whiten(_broadcast(adv, valid), valid) if valid is not None else whiten(adv)
+        return whiten(_broadcast(adv, valid), valid, stats=stats) if valid is not None else whiten(adv, stats=stats)
     return _broadcast(adv, valid)
 
 
@@ -468,6 +485,7 @@ def phase_advantages(
     scale: str = "group",
     eps: float = 1e-6,
     singleton: str = "verl",
+    stats=None,
 ) -> torch.Tensor:
     r"""Phase-factorized advantages (seed F-GRPO): rewards ``[N, P]``, token phase ids ``[N, T]``.
 
@@ -475,7 +493,9 @@ def phase_advantages(
     and token t of row i takes :math:`A^{(\mathrm{phase}_{it})}_i`; masked tokens 0.
     """
     R = rewards.to(accumulation_dtype(rewards.dtype))
-    per_phase = outcome_advantages(R, index, num_groups, estimator=estimator, scale=scale, eps=eps, singleton=singleton)
+    per_phase = outcome_advantages(
+        R, index, num_groups, estimator=estimator, scale=scale, eps=eps, singleton=singleton, stats=stats
+    )
     valid = torch.ones_like(phase_ids, dtype=torch.bool) if mask is None else mask != 0
     safe = torch.where(valid, phase_ids, 0).long()
     return torch.where(valid, per_phase.gather(1, safe), 0.0)
@@ -494,6 +514,7 @@ def segment_advantages(
     scale: str = "group",
     eps: float = 1e-6,
     singleton: str = "verl",
+    stats=None,
 ) -> torch.Tensor:
     r"""Dual-level advantages (seed MatchTIR; our reading).
 
@@ -508,7 +529,7 @@ def segment_advantages(
     valid = torch.ones_like(segment_ids, dtype=torch.bool) if mask is None else mask != 0
     traj = outcome_advantages(
         trajectory_rewards.to(dtype).unsqueeze(-1), index, num_groups, estimator=estimator, scale=scale, eps=eps,
-        singleton=singleton,
+        singleton=singleton, stats=stats,
     ).squeeze(-1)
 
     in_segment = valid & (segment_ids >= 0)
@@ -522,6 +543,7 @@ def segment_advantages(
     if seg_values.numel():
         seg_adv[exists] = outcome_advantages(
             seg_values, seg_index, num_groups, estimator=estimator, scale=scale, eps=eps, singleton=singleton,
+            stats=stats,
         ).squeeze(-1)
     token_seg = torch.where(in_segment, seg_adv.gather(1, safe), 0.0) if S else torch.zeros_like(valid, dtype=dtype)
     return torch.where(valid, traj.unsqueeze(-1) + lam * token_seg, 0.0)

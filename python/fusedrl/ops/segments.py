@@ -1,0 +1,136 @@
+"""Custom op ``fusedrl::segment_stats``: per-group statistics of ``values [M, C]``.
+
+The outputs are those of :func:`fusedrl.reference.advantages.group_stats` (a
+:class:`~fusedrl.reference.advantages.GroupStats`): count ``[G, 1]``, mean, var, std, max, second
+max, argmax and weighted mean ``[G, C]``, and the leave-one-out mean ``[M, C]``, in the
+accumulation dtype (float32; float64 for float64 values). Groups are either dense ids ``index [M]``
+in ``[0, G)`` or, with ``index=None``, contiguous runs of ``group_size`` rows (no index is read or
+built). The kernels reduce each group sequentially in row order (csrc/include/fusedrl/segments.h),
+so the results are the same under any thread count. ``backend`` names the kernel (``cpu``,
+``cuda`` or ``triton``); the choice is made by :func:`fusedrl.dispatch.select` before the op is
+called. No gradient: advantages are constants.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fusedrl import _ext
+
+SINGLETON_CODES = {"verl": 0, "zero": 1}
+BACKENDS = ("cpu", "cuda", "triton", "torch")  # "torch" is the reference's group_stats
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _args(values, index, group_size, num_groups, weight, singleton, outs):
+    M, C = values.shape
+    return (
+        values.data_ptr(), _ext.DTYPE_CODES[values.dtype], M, C, values.stride(0), values.stride(1),
+        _ext.ptr(index), group_size, num_groups, _ext.ptr(weight), SINGLETON_CODES[singleton],
+        *(t.data_ptr() if t.numel() else 0 for t in outs),  # an empty loo_mean: not computed
+    )
+
+
+def _cpu(values, index, group_size, num_groups, weight, singleton, outs):
+    _ext.load().segment_stats_cpu(
+        *_args(values, index, group_size, num_groups, weight, singleton, outs), torch.get_num_threads()
+    )
+
+
+def csr(index: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
+    """(offsets [G + 1], order [M]) of dense ids: the rows of group g are
+    ``order[offsets[g]:offsets[g + 1]]`` in increasing row order (a stable sort: deterministic)."""
+    order = torch.sort(index, stable=True).indices
+    offsets = torch.zeros(num_groups + 1, dtype=torch.int64, device=index.device)
+    torch.cumsum(torch.bincount(index, minlength=num_groups), 0, out=offsets[1:])
+    return offsets, order
+
+
+def _cuda(values, index, group_size, num_groups, weight, singleton, outs):
+    offsets, order = csr(index, num_groups) if index is not None else (None, None)
+    _ext.load().segment_stats_cuda(
+        *_args(values, index, group_size, num_groups, weight, singleton, outs), _ext.ptr(offsets), _ext.ptr(order),
+        torch.cuda.current_stream(values.device).cuda_stream,
+    )
+
+
+def _triton(values, index, group_size, num_groups, weight, singleton, outs):
+    from fusedrl.kernels import segments as k  # noqa: PLC0415  (imports triton)
+
+    offsets, order = csr(index, num_groups) if index is not None else (None, None)
+    k.segment_stats(values, offsets, order, group_size, num_groups, weight, SINGLETON_CODES[singleton], outs)
+
+
+LAUNCHERS = {"cpu": _cpu, "cuda": _cuda, "triton": _triton}
+
+
+def _fresh(shape, dtype, device):
+    """``_ext.empty``; integer buffers are poisoned with -1 (no NaN) under FUSEDRL_POISON=1."""
+    if dtype.is_floating_point:
+        return _ext.empty(shape, dtype, device)
+    return _ext.empty(shape, torch.float64, device).nan_to_num_(-1.0).to(dtype)
+
+
+def _empty_outputs(values: Tensor, num_groups: int, need_loo: bool, fresh):
+    M, C = values.shape
+    dt = _out_dtype(values.dtype)
+    dev = values.device
+    g = (num_groups, C)
+    return (
+        fresh((num_groups, 1), dt, dev), fresh(g, dt, dev), fresh(g, dt, dev), fresh(g, dt, dev),
+        fresh((M if need_loo else 0, C), dt, dev), fresh(g, dt, dev), fresh(g, dt, dev), fresh(g, torch.int64, dev), fresh(g, dt, dev),
+    )
+
+
+@torch.library.custom_op("fusedrl::segment_stats", mutates_args=())
+def segment_stats_op(
+    values: Tensor, index: Tensor | None, group_size: int, num_groups: int, weight: Tensor | None, singleton: str,
+    need_loo: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    outs = _empty_outputs(values, num_groups, need_loo, _fresh)
+    if num_groups > 0:
+        LAUNCHERS[backend](values, index, group_size, num_groups, weight, singleton, outs)
+    return outs
+
+
+@segment_stats_op.register_fake
+def _(values, index, group_size, num_groups, weight, singleton, need_loo, backend):
+    return _empty_outputs(values, num_groups, need_loo, lambda shape, dt, dev: values.new_empty(shape, dtype=dt))
+
+
+def group_stats(
+    values: Tensor,
+    index: Tensor | None,
+    num_groups: int,
+    *,
+    weight: Tensor | None = None,
+    singleton: str = "verl",
+    group_size: int | None = None,
+    need_loo: bool = True,
+    backend: str = "cpu",
+):
+    """:func:`fusedrl.reference.advantages.group_stats` computed by the ``backend`` kernel.
+
+    ``values [M, C]`` (any strides); ``index [M]`` dense int64 ids, or None with ``group_size`` for
+    contiguous groups (``num_groups == 1`` never reads the index: one group of every row). ``weight
+    [M]`` as the reference (OPO's lengths). ``need_loo=False`` skips the leave-one-out means
+    (``loo_mean`` is then an empty ``[0, C]`` tensor). Inputs are assumed validated.
+    """
+    from fusedrl.reference.advantages import GroupStats  # noqa: PLC0415
+
+    M = values.shape[0]
+    if num_groups == 1:
+        index, group_size = None, M
+    elif index is not None:
+        index = index.to(torch.int64).contiguous()
+        group_size = 0
+    if weight is not None:
+        weight = weight.to(_out_dtype(values.dtype)).contiguous()
+    count, mean, var, std, loo, gmax, second, argmax, wmean = segment_stats_op(
+        values, index, int(group_size), int(num_groups), weight, singleton, bool(need_loo), backend
+    )
+    return GroupStats(count, mean, var, std, loo, gmax, second, argmax, wmean)
