@@ -37,6 +37,18 @@ def _max_nan(m, x):
 
 
 @triton.jit
+def _group_rows(order_ptr, col, base, k, ok, stride_row, other, HAS_INDEX: tl.constexpr):
+    """Rows k of the group starting at ``base`` (through the CSR order, or contiguous) and their
+    values of column ``col`` upcast to float64 (``other`` on lanes past the group)."""
+    if HAS_INDEX:
+        rows = tl.load(order_ptr + base + k, mask=ok, other=0)
+    else:
+        rows = base + k
+    x = tl.load(col + rows * stride_row, mask=ok, other=other).to(tl.float64)
+    return rows, x
+
+
+@triton.jit
 def _segment_kernel(
     values_ptr, offsets_ptr, order_ptr, weight_ptr,
     count_ptr, mean_ptr, var_ptr, std_ptr, loo_ptr, max_ptr, second_ptr, argmax_ptr, wmean_ptr,
@@ -61,11 +73,7 @@ def _segment_kernel(
         for k0 in range(0, n, BLOCK):
             k = k0 + lanes
             ok = k < n
-            if HAS_INDEX:
-                rows = tl.load(order_ptr + base + k, mask=ok, other=0)
-            else:
-                rows = base + k
-            x = tl.load(col + rows * stride_row, mask=ok, other=float("-inf")).to(tl.float64)
+            rows, x = _group_rows(order_ptr, col, base, k, ok, stride_row, float("-inf"), HAS_INDEX)
             m = _max_nan(m, tl.max(tl.where(x != x, float("inf"), x), axis=0))
             m = tl.where(tl.sum((x != x).to(tl.int32), axis=0) > 0, float("nan"), m)
         # pass 2: argmax (the first row holding the max), second max, shifted and weighted sums
@@ -73,11 +81,7 @@ def _segment_kernel(
         for k0 in range(0, n, BLOCK):
             k = k0 + lanes
             ok = k < n
-            if HAS_INDEX:
-                rows = tl.load(order_ptr + base + k, mask=ok, other=0)
-            else:
-                rows = base + k
-            x = tl.load(col + rows * stride_row, mask=ok, other=0.0).to(tl.float64)
+            rows, x = _group_rows(order_ptr, col, base, k, ok, stride_row, 0.0, HAS_INDEX)
             first = tl.min(tl.where(ok & (x == m), rows, M), axis=0)
             am = tl.where((am < 0) & (first < M), first, am)
         sec = tl.full((), float("-inf"), tl.float64)
@@ -87,11 +91,7 @@ def _segment_kernel(
         for k0 in range(0, n, BLOCK):
             k = k0 + lanes
             ok = k < n
-            if HAS_INDEX:
-                rows = tl.load(order_ptr + base + k, mask=ok, other=0)
-            else:
-                rows = base + k
-            x = tl.load(col + rows * stride_row, mask=ok, other=0.0).to(tl.float64)
+            rows, x = _group_rows(order_ptr, col, base, k, ok, stride_row, 0.0, HAS_INDEX)
             rest = tl.where(ok & (rows != am), x, float("-inf"))
             sec = _max_nan(sec, tl.max(tl.where(rest != rest, float("inf"), rest), axis=0))
             sec = tl.where(tl.sum((rest != rest).to(tl.int32), axis=0) > 0, float("nan"), sec)
@@ -106,11 +106,7 @@ def _segment_kernel(
         for k0 in range(0, n, BLOCK):
             k = k0 + lanes
             ok = k < n
-            if HAS_INDEX:
-                rows = tl.load(order_ptr + base + k, mask=ok, other=0)
-            else:
-                rows = base + k
-            x = tl.load(col + rows * stride_row, mask=ok, other=0.0).to(tl.float64)
+            rows, x = _group_rows(order_ptr, col, base, k, ok, stride_row, 0.0, HAS_INDEX)
             d = tl.where(ok, x - mean, 0.0)
             sq += tl.sum(d * d, axis=0)
         nm1 = tl.where(nf - 1 > 1, nf - 1, 1.0)
@@ -129,11 +125,7 @@ def _segment_kernel(
         for k0 in range(0, n if HAS_LOO else 0, BLOCK):
             k = k0 + lanes
             ok = k < n
-            if HAS_INDEX:
-                rows = tl.load(order_ptr + base + k, mask=ok, other=0)
-            else:
-                rows = base + k
-            x = tl.load(col + rows * stride_row, mask=ok, other=0.0).to(tl.float64)
+            rows, x = _group_rows(order_ptr, col, base, k, ok, stride_row, 0.0, HAS_INDEX)
             loo = m + (shifted - (x - m)) / nm1
             loo = tl.where(n > 1, loo, tl.where(verl, 0.0, x))
             tl.store(loo_ptr + rows * C + c, loo.to(out_ty), mask=ok)
