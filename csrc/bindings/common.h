@@ -26,6 +26,7 @@ inline void check_cuda(const char* err, const char* what) {
 void logprobs(py::module_& m);
 void scan(py::module_& m);
 void segments(py::module_& m);
+void policy(py::module_& m);
 
 }  // namespace bind
 }  // namespace fusedrl

@@ -15,4 +15,5 @@ PYBIND11_MODULE(_C, m) {
   fusedrl::bind::logprobs(m);
   fusedrl::bind::scan(m);
   fusedrl::bind::segments(m);
+  fusedrl::bind::policy(m);
 }

@@ -22,6 +22,7 @@ from fusedrl import dispatch
 from fusedrl.reference import aggregate as _ref_aggregate
 from fusedrl.reference import kl as _ref_kl
 from fusedrl.reference import policy as _ref_policy
+from fusedrl.ops import policy as _ops_policy
 
 __all__ = ["kl_penalty", "aggregate", "policy_loss", "PolicyParams", "AggregateParams", "KLParams"]
 
@@ -30,6 +31,7 @@ AGGREGATIONS = _ref_aggregate.MODES
 SURROGATES = _ref_policy.SURROGATES
 RATIOS = _ref_policy.RATIOS
 ROLLOUT_CORRECTIONS = _ref_policy.ROLLOUT_CORRECTIONS
+POLICY_BACKENDS = ("cpu", "torch")  # the backends with a policy_loss kernel
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64) + check.FLOAT_DTYPES
 
 
@@ -322,6 +324,7 @@ def policy_loss(
     seq_clip_low: float | None = None,
     seq_clip_high: float | None = None,
     log_ratio_clamp: float | None = 20.0,
+    cu_seqlens: torch.Tensor | None = None,
     backend: str | None = None,
 ):
     r"""Policy-gradient loss (PPO, GRPO, DAPO, Dr. GRPO, GSPO, CISPO, SAPO, GMPO, GPG, CTPO, DHPO, ...)
@@ -429,13 +432,18 @@ def policy_loss(
         ``entropy``), ``clipfrac_dual`` (with ``clip_ratio_c``), ``rollout_weight_mean`` (with a
         rollout correction).
     """
-    _batch("logp", logp, mask)
+    if cu_seqlens is None:
+        _batch("logp", logp, mask)
+        _advantages(advantages, logp)
+        group_ids = _group_ids(group_ids, logp)
+    else:
+        num_rows = _packed("logp", logp, mask, cu_seqlens)
+        _packed_advantages(advantages, logp, num_rows)
+        group_ids = _group_ids(group_ids, torch.empty((num_rows, 0), device=logp.device))
     _float_tensor("old_logp", old_logp, logp.shape, ref=logp, optional=True)
-    _advantages(advantages, logp)
     _float_tensor("ref_logp", ref_logp, logp.shape, ref=logp, optional=True)
     _float_tensor("rollout_logp", rollout_logp, logp.shape, ref=logp, optional=True)
     _float_tensor("entropy", entropy, logp.shape, ref=logp, optional=True)
-    group_ids = _group_ids(group_ids, logp)
 
     params = PolicyParams(
         surrogate=_choice("surrogate", surrogate, SURROGATES),
@@ -471,11 +479,75 @@ def policy_loss(
         max_length=_count("max_length", max_length, positive=True),
         num_groups=_count("num_groups", num_groups),
     )
-    dispatch.select("policy_loss", ("torch",), logp.device, logp.dtype, backend)
+    name = dispatch.select("policy_loss", POLICY_BACKENDS, logp.device, logp.dtype, backend)
+    if name != "torch":
+        return _ops_policy.fused_policy_loss(
+            name, logp, old_logp, advantages, mask, ref_logp=ref_logp, rollout_logp=rollout_logp, entropy=entropy,
+            cu_seqlens=cu_seqlens, group_ids=group_ids, params=params, **counts,
+        )
+    if cu_seqlens is not None:  # the reference runs on the padded layout
+        if params.aggregation == "seq-mean-token-sum-norm" and counts["max_length"] is None:
+            raise ValueError("aggregation='seq-mean-token-sum-norm' needs max_length in the packed layout")
+        padded = _packed_to_padded(cu_seqlens, logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy)
+        logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy = padded
     return _ref_policy.policy_loss(
         logp, old_logp, advantages, mask, ref_logp=ref_logp, rollout_logp=rollout_logp, entropy=entropy,
         group_ids=group_ids, **counts, **dataclasses.asdict(params),
     )
+
+
+def _packed(values_name, values, mask, cu_seqlens) -> int:
+    """Checks the packed layout ([1, N] or [N] with cu_seqlens [S + 1]); returns S."""
+    _float_tensor(values_name, values)
+    if not (values.dim() == 1 or (values.dim() == 2 and values.shape[0] == 1)):
+        raise ValueError(f"{values_name} must have shape [1, N] or [N] with cu_seqlens (packed layout), "
+                         f"got {tuple(values.shape)}")
+    check.tensor("mask", mask, MASK_DTYPES, "a bool, integer or floating-point tensor")
+    if mask.shape != values.shape:
+        raise ValueError(f"mask must have shape {tuple(values.shape)} like {values_name}, got {tuple(mask.shape)}")
+    check.same_device("mask", mask, values_name, values)
+    check.tensor("cu_seqlens", cu_seqlens, (torch.int32, torch.int64), "an int32 or int64 tensor")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must have shape [S + 1] with S >= 0, got {tuple(cu_seqlens.shape)}")
+    check.same_device("cu_seqlens", cu_seqlens, values_name, values)
+    n = values.shape[-1]
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()) or int(cu[-1]) > n:
+        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at most at N = {n}, got "
+                         f"{cu.tolist() if cu.numel() <= 16 else '...'}")
+    return cu.numel() - 1
+
+
+def _packed_advantages(advantages, logp, num_rows):
+    _float_tensor("advantages", advantages)
+    if tuple(advantages.shape) not in ((num_rows,), tuple(logp.shape)):
+        raise ValueError(f"advantages must have shape [S] = ({num_rows},) or {tuple(logp.shape)} like logp "
+                         f"(packed layout), got {tuple(advantages.shape)}")
+    check.same_device("advantages", advantages, "logp", logp)
+
+
+def _packed_to_padded(cu_seqlens, logp, *others):
+    """The packed operands as padded [S, max length] tensors (padding masked; gradients flow back)."""
+    cu = cu_seqlens.to(torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    S = lengths.numel()
+    T = int(lengths.max()) if S else 0
+    pos = torch.arange(T, device=logp.device)
+    valid = pos[None, :] < lengths[:, None]
+    index = torch.where(valid, cu[:-1, None] + pos[None, :], 0)
+
+    def pad(t, is_mask=False):
+        if t is None:
+            return None
+        if t.shape[0] == S and t.dim() == 1 and t.shape != logp.shape:
+            return t  # per-sequence advantages
+        flat = t.reshape(-1)
+        out = flat[index] if flat.numel() else flat.new_zeros(index.shape)
+        return torch.where(valid, out, torch.zeros((), dtype=out.dtype, device=out.device)) if is_mask else out
+
+    mask = others[2]
+    padded = [pad(logp)] + [pad(t, is_mask=t is mask) for t in others]
+    return tuple(padded)
 
 
 def _check_policy_combination(p: PolicyParams, ref_logp, rollout_logp, entropy) -> None:

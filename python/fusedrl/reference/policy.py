@@ -165,7 +165,7 @@ def cispo_surrogate(x, w_clipped, adv):
 
 def sapo_surrogate(w, adv, tau_pos, tau_neg):
     """SAPO (TRL, verl): l = -(4 / tau) sigmoid(tau (w - 1)) A, tau = tau_pos if A > 0 else tau_neg."""
-    tau = torch.where(adv > 0, tau_pos, tau_neg).to(w.dtype)
+    tau = torch.where(adv > 0, w.new_tensor(tau_pos), w.new_tensor(tau_neg))  # in w's dtype (fp64 stays fp64)
     return -(torch.sigmoid(tau * (w - 1.0)) * 4.0 / tau) * adv
 
 

@@ -1,0 +1,569 @@
+// The fused policy objective on the CPU: ratio -> surrogate -> rollout correction -> KL -> entropy
+// -> aggregation, values, metrics and d loss / d logp in one pass over the tokens (plus a first
+// pass for the row statistics when the options need them). Per-token math: fusedrl/policy.h.
+//
+// Rows (sequences) are spread over OpenMP threads; a row is walked in tiles of kTile tokens. Each
+// tile is loaded once (every operand converted to the accumulation type A) and then run through
+// one short loop per stage (ratio, surrogate, rollout, KL, combine) whose option switch sits
+// outside the loop, so every loop vectorizes whatever the options. Row-coupled levels (sequence,
+// hybrid: a row sum; cumulative: a suffix sum) keep the row's partial gradient in a per-thread
+// scratch row (L1/L2-resident) and finish it in a second sweep over that scratch: the inputs are
+// still read once and the gradient written once.
+//
+// Per-row sums are accumulated in double in token order, so the results do not depend on the
+// number of threads.
+#include "cpu/policy.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/isa.h"
+
+namespace fusedrl {
+namespace cpu {
+namespace {
+
+using namespace ::fusedrl::policy;
+
+constexpr int64_t kTile = 128;
+
+FUSEDRL_HD float up(float x) { return x; }
+FUSEDRL_HD double up(double x) { return x; }
+FUSEDRL_HD float up(bf16_t x) { return to_float(x); }
+FUSEDRL_HD float up(f16_t x) { return to_float(x); }
+FUSEDRL_HD float up(uint8_t x) { return float(x); }
+FUSEDRL_HD float up(int32_t x) { return float(x); }
+FUSEDRL_HD double up(int64_t x) { return double(x); }
+
+template <typename S, typename A> FUSEDRL_HD void load_as(const S* p, int64_t s, int64_t n, A* out) {
+  if (s == 1) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[j] = A(up(p[j]));
+  } else {
+    for (int64_t j = 0; j < n; ++j) out[j] = A(up(p[j * s]));
+  }
+}
+
+// Tile [t0, t0 + n) of row i of v, converted to A.
+template <typename A> FUSEDRL_HD void load(const View& v, int64_t i, int64_t start, int64_t t0, int64_t n, A* out) {
+  const int64_t off = v.s_row * i + v.s_tok * (start + t0);
+  switch (v.dtype) {
+    case kFloat32: load_as(static_cast<const float*>(v.p) + off, v.s_tok, n, out); break;
+    case kBFloat16: load_as(static_cast<const bf16_t*>(v.p) + off, v.s_tok, n, out); break;
+    case kFloat16: load_as(static_cast<const f16_t*>(v.p) + off, v.s_tok, n, out); break;
+    case kFloat64: load_as(static_cast<const double*>(v.p) + off, v.s_tok, n, out); break;
+    case kMaskByte: load_as(static_cast<const uint8_t*>(v.p) + off, v.s_tok, n, out); break;
+    case kMaskInt32: load_as(static_cast<const int32_t*>(v.p) + off, v.s_tok, n, out); break;
+    default: load_as(static_cast<const int64_t*>(v.p) + off, v.s_tok, n, out); break;
+  }
+}
+
+template <typename D, typename A> FUSEDRL_HD void store_as(D* p, int64_t s, int64_t n, const A* in) {
+  if (s == 1) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) p[j] = from_float<D>(float(in[j]));
+  } else {
+    for (int64_t j = 0; j < n; ++j) p[j * s] = from_float<D>(float(in[j]));
+  }
+}
+template <typename A> FUSEDRL_HD void store_as(double* p, int64_t s, int64_t n, const A* in) {
+  for (int64_t j = 0; j < n; ++j) p[j * s] = double(in[j]);
+}
+
+template <typename A> FUSEDRL_HD void store(const View& v, int64_t i, int64_t start, int64_t t0, int64_t n, const A* in) {
+  const int64_t off = v.s_row * i + v.s_tok * (start + t0);
+  void* p = const_cast<void*>(v.p);
+  switch (v.dtype) {
+    case kFloat32: store_as(static_cast<float*>(p) + off, v.s_tok, n, in); break;
+    case kBFloat16: store_as(static_cast<bf16_t*>(p) + off, v.s_tok, n, in); break;
+    case kFloat16: store_as(static_cast<f16_t*>(p) + off, v.s_tok, n, in); break;
+    default: store_as(static_cast<double*>(p) + off, v.s_tok, n, in); break;
+  }
+}
+
+template <typename A> struct Tile {
+  // operands (cleaned: 0 on padded tokens) and the mask weight m (0 = padding)
+  A x[kTile], o[kTile], adv[kTile], m[kTile], r[kTile], mu[kTile], h[kTile];
+  // ratio stage: w, wc and their local derivatives (dw/dx, or dw/dc for cumulative), row factors
+  A w[kTile], wc[kTile], pw[kTile], pwc[kTile], rw[kTile], rwc[kTile];
+  // surrogate stage: l and dl/dw, dl/dwc, dl/dx; the clip flags
+  A l[kTile], dw[kTile], dwc[kTile], dx[kTile], f_low[kTile], f_high[kTile], f_dual[kTile];
+  // rollout weight, KL value and its partials through x and w, the gradient
+  A q[kTile], kl[kTile], dkl_x[kTile], dkl_w[kTile], g[kTile], dc[kTile];
+};
+
+template <typename A> struct Work {
+  const PolicyArgs* a;
+  Tile<A>* tile;
+  A* scratch;      // 3 rows of `longest` (row-coupled levels): gradient, mask weight, dL/dc
+  int64_t longest;
+};
+
+FUSEDRL_HD void row_span(const PolicyArgs& a, int64_t i, int64_t* start, int64_t* len) {
+  if (a.cu_seqlens) {
+    *start = a.cu_seqlens[i];
+    *len = a.cu_seqlens[i + 1] - a.cu_seqlens[i];
+  } else {
+    *start = 0;
+    *len = a.T;
+  }
+}
+
+// Loads the tile's mask weight and the operands in `which` (bit flags below), cleaned.
+enum : int { kX = 1, kO = 2, kAdv = 4, kRef = 8, kMu = 16, kH = 32 };
+template <typename A>
+FUSEDRL_HD void load_tile(const PolicyArgs& a, int64_t i, int64_t start, int64_t t0, int64_t n, int which, Tile<A>& T) {
+  load(a.mask, i, start, t0, n, T.m);
+  if (which & (kX | kO)) load(a.logp, i, start, t0, n, T.x);
+  if (which & kO) {
+    if (a.old_logp.p) load(a.old_logp, i, start, t0, n, T.o);
+    else std::copy(T.x, T.x + n, T.o);
+  }
+  if (which & kAdv) load(a.adv, i, start, t0, n, T.adv);
+  if ((which & kRef) && a.ref_logp.p) load(a.ref_logp, i, start, t0, n, T.r);
+  if ((which & kMu) && a.rollout_logp.p) load(a.rollout_logp, i, start, t0, n, T.mu);
+  if ((which & kH) && a.entropy.p) load(a.entropy, i, start, t0, n, T.h);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const bool ok = T.m[j] != A(0);
+    T.m[j] = ok ? T.m[j] : A(0);
+    T.x[j] = ok ? T.x[j] : A(0);
+    T.o[j] = ok ? T.o[j] : A(0);
+    T.adv[j] = ok ? T.adv[j] : A(0);
+    T.r[j] = ok ? T.r[j] : A(0);
+    T.mu[j] = ok ? T.mu[j] : A(0);
+    T.h[j] = ok ? T.h[j] : A(0);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// pass 1: row statistics
+
+template <typename A> void stats_rows(const Work<A>& wk, int64_t r0, int64_t r1) {
+  const PolicyArgs& a = *wk.a;
+  const Options& o = a.opt;
+  Tile<A>& T = *wk.tile;
+  const bool need_rho = o.ratio == kSequence || o.ratio == kSequenceToken || o.ratio == kHybrid;
+  const bool geo = o.surrogate == kGeoMean;
+  const bool need_adv = geo || a.stats_adv;
+  const bool seq_roll = o.rollout == kSequenceTruncate || o.rollout == kSequenceMask;
+  const bool tok_roll_geo = geo && o.rollout != kNoRollout && !seq_roll;
+  const bool need_h = o.ratio == kHybrid && o.hybrid_entropy;
+  int which = 0;
+  if (need_rho || geo) which |= kX | kO;
+  if (seq_roll || tok_roll_geo) which |= kO | kMu;
+  if (need_adv) which |= kAdv;
+  if (need_h) which |= kH;
+  for (int64_t i = r0; i < r1; ++i) {
+    int64_t start, len;
+    row_span(a, i, &start, &len);
+    double cnt = 0, srho = 0, sadv = 0, sgeo = 0, sroll = 0, slogq = 0;
+    A hmax = -std::numeric_limits<A>::infinity();
+    for (int64_t t0 = 0; t0 < len; t0 += kTile) {
+      const int64_t n = std::min(kTile, len - t0);
+      load_tile(a, i, start, t0, n, which, T);
+#pragma omp simd reduction(+ : cnt)
+      for (int64_t j = 0; j < n; ++j) cnt += double(T.m[j]);
+      if (need_rho) {
+#pragma omp simd reduction(+ : srho)
+        for (int64_t j = 0; j < n; ++j) srho += double(T.m[j] * (T.x[j] - T.o[j]));
+      }
+      if (need_adv) {
+#pragma omp simd reduction(+ : sadv)
+        for (int64_t j = 0; j < n; ++j) sadv += double(T.m[j] * T.adv[j]);
+      }
+      if (geo) {
+        for (int64_t j = 0; j < n; ++j) {
+          A drho, clipped;
+          sgeo += double(T.m[j] * geo_log_ratio(T.x[j] - T.o[j], T.adv[j], o, &drho, &clipped));
+        }
+      }
+      if (seq_roll) {
+#pragma omp simd reduction(+ : sroll)
+        for (int64_t j = 0; j < n; ++j) sroll += double(T.m[j] * (T.o[j] - T.mu[j]));
+      }
+      if (tok_roll_geo) {
+        for (int64_t j = 0; j < n; ++j)
+          slogq += double(T.m[j] * log_acc(rollout_weight(T.o[j] - T.mu[j], o) + A(kGeoMeanLogEps)));
+      }
+      if (need_h) {
+        for (int64_t j = 0; j < n; ++j) hmax = T.h[j] > hmax ? T.h[j] : hmax;  // padded tokens count as 0
+      }
+    }
+    double* st = a.stats + i * kNumStats;
+    st[kCount] = cnt;
+    st[kSumRho] = srho;
+    st[kSumAdv] = sadv;
+    st[kSumGeo] = sgeo;
+    st[kSumRollout] = sroll;
+    st[kSumLogQ] = slogq;
+    st[kMaxEntropy] = double(hmax);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// pass 2: loss, metrics, gradients
+
+// The ratio stage: w, wc and their derivatives (see Tile). c_carry / n_carry: cumulative prefixes.
+template <typename A>
+FUSEDRL_HD void ratio_stage(const Options& opt, const Row<A>& row, int64_t n, Tile<A>& T, double* c_carry,
+                            double* n_carry) {
+  const Options o = opt;  // a local copy: stores to the tile cannot alias it
+  const A lo = A(o.lo), hi = A(o.hi);
+  const bool below = o.clip_below;
+  switch (o.ratio) {
+    case kToken:
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const A rho = T.x[j] - T.o[j];
+        const A w = exp_any(clamp_log(rho, o));
+        T.w[j] = w;
+        T.pw[j] = w * clamp_log_pass(rho, o);
+        T.wc[j] = clip_ratio(w, lo, hi, below);
+        T.pwc[j] = clip_ratio_pass(w, lo, hi, below) * T.pw[j];
+        T.rw[j] = T.rwc[j] = A(0);
+      }
+      break;
+    case kSequence: {
+      const A wc = clip_ratio(row.s, lo, hi, below), pc = clip_ratio_pass(row.s, lo, hi, below);
+      for (int64_t j = 0; j < n; ++j) {
+        T.w[j] = row.s;
+        T.wc[j] = wc;
+        T.pw[j] = T.pwc[j] = A(0);
+        T.rw[j] = A(1);
+        T.rwc[j] = pc;
+      }
+      break;
+    }
+    case kSequenceToken: {
+      const A lw = row.log_s < A(kGspoTokenLogMax) ? row.log_s : A(kGspoTokenLogMax);
+      const A w = exp_any(clamp_log(lw, o));
+      const A pw = w * (row.log_s <= A(kGspoTokenLogMax) ? A(1) : A(0)) * clamp_log_pass(lw, o);
+      const A wc = clip_ratio(w, lo, hi, below), pwc = clip_ratio_pass(w, lo, hi, below) * pw;
+      for (int64_t j = 0; j < n; ++j) {
+        T.w[j] = w;
+        T.pw[j] = pw;
+        T.wc[j] = wc;
+        T.pwc[j] = pwc;
+        T.rw[j] = T.rwc[j] = A(0);
+      }
+      break;
+    }
+    case kHybrid: {
+      const A slo = A(o.seq_lo), shi = A(o.seq_hi);
+      const A sc = clip_ratio(row.s, slo, shi, below), spc = clip_ratio_pass(row.s, slo, shi, below);
+      const bool ent = o.hybrid_entropy;
+      const A alpha = A(o.alpha), hmax = row.h_max;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const A a = ent ? (hmax > A(0) ? T.h[j] / hmax : A(0)) : alpha;
+        const A rho = T.x[j] - T.o[j];
+        const A wt = exp_any(clamp_log(rho, o));
+        const A pt = wt * clamp_log_pass(rho, o);
+        T.w[j] = a * wt + (A(1) - a) * row.s;
+        T.wc[j] = a * clip_ratio(wt, lo, hi, below) + (A(1) - a) * sc;
+        T.pw[j] = a * pt;
+        T.pwc[j] = a * clip_ratio_pass(wt, lo, hi, below) * pt;
+        T.rw[j] = A(1) - a;
+        T.rwc[j] = (A(1) - a) * spc;
+      }
+      break;
+    }
+    default: {  // cumulative: w = exp(c), wc = exp(c clipped to sqrt(n) [log(1 - lo), log(1 + hi)])
+      const A llo = A(o.log_lo), lhi = A(o.log_hi);
+      double c = *c_carry, cnt = *n_carry;
+      for (int64_t j = 0; j < n; ++j) {
+        c += double(T.m[j] * (T.x[j] - T.o[j]));
+        cnt += double(T.m[j]);
+        const A cj = A(c);
+        const A root = std::sqrt(A(cnt));
+        const A bh = root * lhi;
+        A cc = cj < bh ? cj : bh;
+        A dcc = dmin_a(cj, bh);
+        if (below) {
+          const A bl = root * llo;
+          dcc *= dmax_a(cc, bl);
+          cc = cc > bl ? cc : bl;
+        }
+        const A w = exp_any(clamp_log(cj, o)), wc = exp_any(clamp_log(cc, o));
+        T.w[j] = w;
+        T.wc[j] = wc;
+        T.pw[j] = w * clamp_log_pass(cj, o);
+        T.pwc[j] = wc * clamp_log_pass(cc, o) * dcc;
+        T.rw[j] = T.rwc[j] = A(0);
+      }
+      *c_carry = c;
+      *n_carry = cnt;
+      break;
+    }
+  }
+}
+
+// The surrogate stage: l and its partials; clip flags.
+template <typename A> FUSEDRL_HD void surrogate_stage(const Options& opt, const Row<A>& row, int64_t n, Tile<A>& T) {
+  const Options o = opt;  // a local copy: stores to the tile cannot alias it
+  switch (o.surrogate) {
+    case kClip:
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        A dw, dwc, hit;
+        T.l[j] = clip_surrogate(T.w[j], T.wc[j], T.adv[j], o, &dw, &dwc, &hit);
+        T.dw[j] = dw;
+        T.dwc[j] = dwc;
+        T.dx[j] = A(0);
+        T.f_dual[j] = hit;
+      }
+      break;
+    case kCispo:
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        T.l[j] = -T.wc[j] * T.adv[j] * T.x[j];
+        T.dx[j] = -T.wc[j] * T.adv[j];
+        T.dw[j] = T.dwc[j] = T.f_dual[j] = A(0);
+      }
+      break;
+    case kSapo:
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        A dw;
+        T.l[j] = sapo_surrogate(T.w[j], T.adv[j], o, &dw);
+        T.dw[j] = dw;
+        T.dwc[j] = T.dx[j] = T.f_dual[j] = A(0);
+      }
+      break;
+    case kReinforce:
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        T.l[j] = -T.w[j] * T.adv[j];
+        T.dw[j] = -T.adv[j];
+        T.dwc[j] = T.dx[j] = T.f_dual[j] = A(0);
+      }
+      break;
+    case kGpg:
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        T.l[j] = -T.adv[j] * T.x[j];
+        T.dx[j] = -T.adv[j];
+        T.dw[j] = T.dwc[j] = T.f_dual[j] = A(0);
+      }
+      break;
+    default: {  // geo_mean: every token carries the row's -mean(A) exp(mean rho~)
+      const A value = -row.adv_mean * row.geo;
+      // d/dx_t of the row value, times the row's token weight sum (the value is counted on each token)
+      const A scale = value * row.geo_pass * (row.count_div > A(0) ? A(1) / row.count_div : A(0));
+      for (int64_t j = 0; j < n; ++j) {
+        A drho, clipped;
+        geo_log_ratio(T.x[j] - T.o[j], T.adv[j], o, &drho, &clipped);
+        T.l[j] = value;
+        T.dx[j] = scale * drho;  // times the row's m-sum in the combine stage (geo_weight)
+        T.dw[j] = T.dwc[j] = T.f_dual[j] = A(0);
+        T.f_low[j] = (clipped != A(0) && T.adv[j] < A(0)) ? A(1) : A(0);
+        T.f_high[j] = (clipped != A(0) && T.adv[j] > A(0)) ? A(1) : A(0);
+      }
+      return;
+    }
+  }
+  if (o.surrogate == kClip || o.surrogate == kCispo) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      T.f_low[j] = (T.wc[j] > T.w[j] && T.adv[j] < A(0)) ? A(1) : A(0);
+      T.f_high[j] = (T.wc[j] < T.w[j] && T.adv[j] > A(0)) ? A(1) : A(0);
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) T.f_low[j] = T.f_high[j] = A(0);
+  }
+}
+
+template <typename A> FUSEDRL_HD void rollout_stage(const Options& opt, const Row<A>& row, int64_t n, Tile<A>& T) {
+  const Options o = opt;  // a local copy: stores to the tile cannot alias it
+  const bool per_token = (o.rollout == kTokenTruncate || o.rollout == kTokenMask || o.rollout == kIcepop) &&
+                         o.surrogate != kGeoMean;
+  if (per_token) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) T.q[j] = rollout_weight(T.o[j] - T.mu[j], o);
+  } else {
+    for (int64_t j = 0; j < n; ++j) T.q[j] = row.q_row;
+  }
+}
+
+template <int KIND, typename A> FUSEDRL_HD void kl_loop(const Options& opt, int64_t n, Tile<A>& T) {
+  const Options o = opt;  // a local copy: stores to the tile cannot alias it
+  const bool straight = o.kl_straight, bias = o.bias_kl;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const A diff = T.x[j] - T.r[j];
+    A dk;
+    const A k = kl_value(diff, KIND, &dk);
+    dk = straight ? diff : dk;
+    T.kl[j] = bias ? k * T.w[j] : k;
+    T.dkl_x[j] = bias ? dk * T.w[j] : dk;
+    T.dkl_w[j] = bias ? k : A(0);
+  }
+}
+
+template <typename A> FUSEDRL_HD void kl_stage(const Options& opt, bool has_ref, int64_t n, Tile<A>& T) {
+  const Options o = opt;  // a local copy: stores to the tile cannot alias it
+  if (!has_ref) {
+    for (int64_t j = 0; j < n; ++j) T.kl[j] = T.dkl_x[j] = T.dkl_w[j] = A(0);
+    return;
+  }
+  switch (o.kl) {
+    case kK1: kl_loop<kK1>(o, n, T); break;
+    case kAbs: kl_loop<kAbs>(o, n, T); break;
+    case kK2: kl_loop<kK2>(o, n, T); break;
+    case kK3: kl_loop<kK3>(o, n, T); break;
+    default: kl_loop<kLowVar>(o, n, T); break;
+  }
+}
+
+template <typename A> void loss_rows(const Work<A>& wk, int64_t r0, int64_t r1) {
+  const PolicyArgs& a = *wk.a;
+  const Options& o = a.opt;
+  Tile<A>& T = *wk.tile;
+  const bool coupled = o.ratio == kSequence || o.ratio == kHybrid;
+  const bool cumulative = o.ratio == kCumulative;
+  const bool want_gx = a.grad_logp.p != nullptr, want_gh = a.grad_entropy.p != nullptr;
+  const bool has_ref = a.ref_logp.p != nullptr;
+  const bool has_h = a.entropy.p != nullptr;
+  const int which = kX | kO | kAdv | (has_ref ? kRef : 0) | (o.rollout != kNoRollout ? kMu : 0) | (has_h ? kH : 0);
+  for (int64_t i = r0; i < r1; ++i) {
+    int64_t start, len;
+    row_span(a, i, &start, &len);
+    Row<A> row{};
+    row.count_div = A(1);
+    row.q_row = A(1);
+    row.s = row.geo = A(1);
+    if (a.stats) row = row_quantities<A>(a.stats + i * kNumStats, o);
+    const A g = A(a.coef[3 * i]), bg = A(o.beta * a.coef[3 * i + 1]), eg = A(o.entropy_coef * a.coef[3 * i + 2]);
+    // geo_mean: the row value is counted on each of the row's tokens (weight sum n)
+    const A geo_weight = a.stats ? A(a.stats[i * kNumStats + kCount]) : A(0);
+    double s_sur = 0, s_kl = 0, s_h = 0, cnt = 0, c_low = 0, c_high = 0, c_dual = 0, s_w = 0, s_q = 0;
+    double dlds = 0, c_carry = 0, n_carry = 0;
+    A* gx_row = wk.scratch;
+    A* m_row = wk.scratch + wk.longest;
+    A* dc_row = wk.scratch + 2 * wk.longest;
+    for (int64_t t0 = 0; t0 < len; t0 += kTile) {
+      const int64_t n = std::min(kTile, len - t0);
+      load_tile(a, i, start, t0, n, which, T);
+      ratio_stage(o, row, n, T, &c_carry, &n_carry);
+      surrogate_stage(o, row, n, T);
+      rollout_stage(o, row, n, T);
+      kl_stage(o, has_ref, n, T);
+      const A dx_scale = o.surrogate == kGeoMean ? geo_weight : A(1);
+#pragma omp simd reduction(+ : s_sur, s_kl, s_h, cnt, c_low, c_high, c_dual, s_w, s_q, dlds)
+      for (int64_t j = 0; j < n; ++j) {
+        const A m = T.m[j];
+        const A mq = m * g * T.q[j];
+        const A dw = mq * T.dw[j] + m * bg * T.dkl_w[j];
+        const A dwc = mq * T.dwc[j];
+        const A dx = mq * T.dx[j] * dx_scale + m * bg * T.dkl_x[j];
+        const A local = dw * T.pw[j] + dwc * T.pwc[j];  // dL/dc_t for cumulative
+        T.g[j] = cumulative ? dx : dx + local;
+        T.dc[j] = local;
+        dlds += double(dw * T.rw[j] + dwc * T.rwc[j]);
+        s_sur += double(m * T.q[j] * T.l[j]);
+        s_kl += double(m * T.kl[j]);
+        s_h += double(m * T.h[j]);
+        cnt += double(m);
+        c_low += double(m * T.f_low[j]);
+        c_high += double(m * T.f_high[j]);
+        c_dual += double(m * T.f_dual[j]);
+        s_w += double(m * T.w[j]);
+        s_q += double(m * T.q[j]);
+      }
+      if (want_gx) {
+        if (coupled || cumulative) {
+          std::copy(T.g, T.g + n, gx_row + t0);
+          std::copy(T.m, T.m + n, m_row + t0);
+          std::copy(T.dc, T.dc + n, dc_row + t0);
+        } else {
+          store(a.grad_logp, i, start, t0, n, T.g);
+        }
+      }
+      if (want_gh) {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) T.g[j] = -eg * T.m[j];
+        store(a.grad_entropy, i, start, t0, n, T.g);
+      }
+    }
+    if (want_gx && coupled) {  // dL/dx_t += m_t dL/ds ds/d(sum m rho) with ds = s / n per unit of m rho
+      const A k = A(dlds) * row.s * row.s_pass / row.count_div;
+#pragma omp simd
+      for (int64_t t = 0; t < len; ++t) gx_row[t] += m_row[t] * k;
+    }
+    if (want_gx && cumulative) {  // c_t = sum_{t'<=t} m rho: dL/dx_t = direct_t + m_t sum_{t'>=t} dL/dc_t'
+      double suffix = 0;
+      for (int64_t t = len - 1; t >= 0; --t) {
+        suffix += double(dc_row[t]);
+        gx_row[t] += m_row[t] * A(suffix);
+      }
+    }
+    if (want_gx && (coupled || cumulative)) {
+      for (int64_t t0 = 0; t0 < len; t0 += kTile) store(a.grad_logp, i, start, t0, std::min(kTile, len - t0), gx_row + t0);
+    }
+    double* out = a.rows + i * kNumOutputs;
+    out[kLoss] = double(g) * s_sur + double(bg) * s_kl - double(eg) * s_h;
+    out[kOutCount] = cnt;
+    out[kClipLow] = c_low;
+    out[kClipHigh] = c_high;
+    out[kClipDual] = c_dual;
+    out[kRatio] = s_w;
+    out[kKl] = s_kl;
+    out[kEntropy] = s_h;
+    out[kRolloutWeight] = s_q;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// entry points: rows over OpenMP threads, the hot row functions compiled per ISA
+
+FUSEDRL_ISA_VARIANTS(stats_f32, Work<float>, stats_rows, float)
+FUSEDRL_ISA_VARIANTS(stats_f64, Work<double>, stats_rows, double)
+FUSEDRL_ISA_VARIANTS(loss_f32, Work<float>, loss_rows, float)
+FUSEDRL_ISA_VARIANTS(loss_f64, Work<double>, loss_rows, double)
+#undef FUSEDRL_ISA_VARIANTS
+
+template <typename A> using RowFn = void (*)(const Work<A>&, int64_t, int64_t);
+
+template <typename A> void run(const PolicyArgs& a, RowFn<A> fn, bool scratch) {
+  int64_t longest = a.T;
+  if (a.cu_seqlens) {
+    longest = 0;
+    for (int64_t i = 0; i < a.B; ++i) longest = std::max(longest, a.cu_seqlens[i + 1] - a.cu_seqlens[i]);
+  }
+  const int nt = int(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, a.B)));
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<Tile<A>> tile(1);  // zero-initialized: operands that are never loaded read as 0
+    std::vector<A> buf(scratch ? size_t(3 * longest) : 0);
+    const Work<A> wk{&a, tile.data(), buf.data(), longest};
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < a.B; ++i) fn(wk, i, i + 1);
+  }
+}
+
+bool is_f64(const PolicyArgs& a) { return a.logp.dtype == kFloat64; }
+
+}  // namespace
+
+bool policy_stats(const PolicyArgs& a) {
+  if (a.logp.dtype < 0 || a.logp.dtype > kFloat64) return false;
+  if (is_f64(a)) run<double>(a, stats_f64(), false);
+  else run<float>(a, stats_f32(), false);
+  return true;
+}
+
+bool policy_loss(const PolicyArgs& a) {
+  if (a.logp.dtype < 0 || a.logp.dtype > kFloat64) return false;
+  const bool scratch = a.grad_logp.p && (a.opt.ratio == kSequence || a.opt.ratio == kHybrid || a.opt.ratio == kCumulative);
+  if (is_f64(a)) run<double>(a, loss_f64(), scratch);
+  else run<float>(a, loss_f32(), scratch);
+  return true;
+}
+
+}  // namespace cpu
+}  // namespace fusedrl

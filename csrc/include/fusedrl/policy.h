@@ -1,0 +1,253 @@
+// Per-token math of the fused policy objective (spec: python/fusedrl/reference/policy.py, kl.py),
+// shared by csrc/cpu/policy.cpp (g++) and csrc/cuda/policy.cu (nvcc); kernels/policy.py (Triton)
+// mirrors it function by function. Plain C++ on plain numbers, templated on the accumulation type
+// A (float, or double for float64 log-probs).
+//
+// The objective is split so that one kernel serves every option:
+//
+//   L = sum_i sum_t m_it [ g_i q_it l_it + beta gk_i kl_it - entropy_coef ge_i H_it ]
+//
+// with l the surrogate, q the rollout-correction weight, kl the KL estimate (times w with the bias
+// correction), H the entropy, and g / gk / ge the per-row aggregation coefficients of the loss,
+// KL and entropy terms (python/fusedrl/reference/aggregate.py: row_coefficients, the one place
+// where normalizers are written; gk = g and ge = g when the term is aggregated with the loss).
+// Each token's surrogate depends on its ratio w (and clipped ratio wc); the ratio level says how w
+// depends on the log-probs x:
+//
+//   token            w_t = exp(rho_t)                    local
+//   sequence-token   w_t = exp(min(log s_i, 10))          local (the gradient of a token ratio)
+//   sequence         w_t = s_i = exp(mean_t m rho)        one row sum:   dL/dx_t += m_t dL/ds s / n
+//   hybrid           w_t = a_t w_tok + (1 - a_t) s_i      local + the row sum of the s part
+//   cumulative       w_t = exp(c_t), c_t = sum_t'<=t m rho  a suffix sum: dL/dx_t = m_t sum_t'>=t dL/dc
+//
+// so a kernel computes, per token, dL/dw and dL/dwc (the partials through the unclipped and the
+// clipped ratio) and dL/dx through the direct terms (CISPO, GPG, KL), then applies the level's
+// chain rule. Row statistics (sums over the row's valid tokens) come from a first pass when the
+// level, the surrogate or the aggregation needs them (RowStats).
+//
+// Ties follow torch's autograd: clamp passes the gradient at its bounds (inclusive); max / min of
+// two equal values sends half the gradient to each; abs has gradient 0 at 0.
+#pragma once
+
+#include "fusedrl/common.h"
+
+namespace fusedrl {
+namespace policy {
+
+// Option codes (python/fusedrl/ops/policy.py keeps the same tables).
+enum Surrogate : int { kClip = 0, kCispo = 1, kSapo = 2, kGeoMean = 3, kReinforce = 4, kGpg = 5 };
+enum Ratio : int { kToken = 0, kSequence = 1, kSequenceToken = 2, kCumulative = 3, kHybrid = 4 };
+enum Kl : int { kK1 = 0, kAbs = 1, kK2 = 2, kK3 = 3, kLowVar = 4 };
+enum Rollout : int {
+  kNoRollout = -1, kTokenTruncate = 0, kTokenMask = 1, kSequenceTruncate = 2, kSequenceMask = 3, kIcepop = 4
+};
+// Mask codes: the float DType codes 0-3 (a per-token weight), then these (integer weights).
+enum MaskCode : int { kMaskByte = 4, kMaskInt32 = 5, kMaskInt64 = 6 };
+
+// Row statistics of the first pass, in this order (float64 [B, kNumStats]).
+enum Stat : int { kCount = 0, kSumRho, kSumAdv, kSumGeo, kSumRollout, kSumLogQ, kMaxEntropy, kNumStats };
+// Per-row outputs of the loss pass (float64 [B, kNumOutputs]): the row's share of the loss and the
+// sums over its valid tokens of m times each metric.
+enum Output : int {
+  kLoss = 0, kOutCount, kClipLow, kClipHigh, kClipDual, kRatio, kKl, kEntropy, kRolloutWeight, kNumOutputs
+};
+
+// verl's bounds (reference: GSPO_TOKEN_LOG_RATIO_MAX, LOW_VAR_KL_*, GEO_MEAN_LOG_EPS).
+constexpr double kGspoTokenLogMax = 10.0;
+constexpr double kLowVarLogBound = 20.0;
+constexpr double kLowVarValueBound = 10.0;
+constexpr double kGeoMeanLogEps = 1e-10;
+
+// Every non-tensor option, resolved (absent optional values have their has_ flag false).
+struct Options {
+  int surrogate = kClip, ratio = kToken, kl = kK3, rollout = kNoRollout;
+  bool kl_straight = false;     // the "+" kinds: value of kl, gradient of k2
+  bool bias_kl = false;         // kl *= w (TRL use_bias_correction_kl)
+  bool clip_below = true;       // false for cispo_bounds="upper"
+  bool hybrid_entropy = false;  // hybrid_mixing="entropy"
+  bool has_dual = false, has_delta = false, has_cap = false, has_cap_low = false, has_clamp = true;
+  double lo = 0.8, hi = 1.2;          // 1 - clip_low, 1 + clip_high
+  double seq_lo = 0.8, seq_hi = 1.2;  // hybrid's sequence branch
+  double log_lo = 0.0, log_hi = 0.0;  // cumulative: log(1 - clip_low), log(1 + clip_high)
+  double geo_lo = 0.2, geo_hi = 0.2;  // geo_mean: clip of rho to [-clip_low, clip_high]
+  double dual = 3.0, delta = 0.0, beta = 0.0, entropy_coef = 0.0;
+  double cap = 3.0, cap_low = 0.0, clamp = 20.0;
+  double tau_pos = 1.0, tau_neg = 1.05, alpha = 0.5;
+};
+
+// ---- elementary pieces ----
+
+// exp of any argument: the vectorizable Cody-Waite + polynomial on the host, overflow to +inf
+// above ~88.72 (float32), 0 below -87.3; NaN propagates.
+FUSEDRL_HD float exp_any(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  const float lo = -87.3f, hi = 88.7f;
+  const float xc = x < lo ? lo : (x > hi ? hi : x);
+  const float magic = 12582912.0f;
+  const float n = (xc * 1.44269504088896341f + magic) - magic;
+  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  // 2^n as 2^(n - 1) * 2: n reaches 128 near the top of the range
+  const float scale = bits_to_float(uint32_t(int32_t(n) + 126) << 23);
+  const float v = p * scale * 2.0f;
+  return x > 88.72283935546875f ? __builtin_inff() : (x < lo ? 0.0f : v);
+#endif
+}
+FUSEDRL_HD double exp_any(double x) { return exp(x); }
+
+template <typename A> FUSEDRL_HD A clampv(A v, A lo, A hi) { return v < lo ? lo : (v > hi ? hi : v); }
+// 1 inside [lo, hi] (bounds included: torch's clamp passes the gradient there), else 0.
+template <typename A> FUSEDRL_HD A inside(A v, A lo, A hi) { return (v >= lo && v <= hi) ? A(1) : A(0); }
+// d max(a, b) / da: 1, 0, or 1/2 on a tie (torch).
+template <typename A> FUSEDRL_HD A dmax_a(A a, A b) { return a > b ? A(1) : (a == b ? A(0.5) : A(0)); }
+template <typename A> FUSEDRL_HD A dmin_a(A a, A b) { return a < b ? A(1) : (a == b ? A(0.5) : A(0)); }
+
+// The log-weight clamp before every exp: (value, pass) with pass the clamp's gradient factor.
+template <typename A> FUSEDRL_HD A clamp_log(A v, const Options& o) {
+  return o.has_clamp ? clampv(v, A(-o.clamp), A(o.clamp)) : v;
+}
+template <typename A> FUSEDRL_HD A clamp_log_pass(A v, const Options& o) {
+  return o.has_clamp ? inside(v, A(-o.clamp), A(o.clamp)) : A(1);
+}
+
+// clip(w) to [lo, hi] (or only w <= hi when clip_below is false) and its derivative in w.
+template <typename A> FUSEDRL_HD A clip_ratio(A w, A lo, A hi, bool below) {
+  const A up = w > hi ? hi : w;
+  return (below && w < lo) ? lo : up;
+}
+template <typename A> FUSEDRL_HD A clip_ratio_pass(A w, A lo, A hi, bool below) {
+  return ((!below || w >= lo) && w <= hi) ? A(1) : A(0);
+}
+
+// ---- surrogates: value and partials dl/dw (unclipped ratio), dl/dwc (clipped), dl/dx (direct) ----
+
+// clip (PPO / GRPO / DAPO) with TRL's delta and verl's dual clip; also returns the dual-clip flag.
+template <typename A> FUSEDRL_HD A clip_surrogate(A w, A wc, A adv, const Options& o, A* dw, A* dwc, A* dual_hit) {
+  const A wu = o.has_delta ? (w > A(o.delta) ? A(o.delta) : w) : w;
+  const A dwu = o.has_delta ? (w <= A(o.delta) ? A(1) : A(0)) : A(1);
+  const A a1 = -adv * wu, a2 = -adv * wc;
+  const A l = a1 > a2 ? a1 : a2;
+  const A f1 = dmax_a(a1, a2), f2 = A(1) - f1;
+  A fd = A(1), out = l, hit = A(0);
+  if (o.has_dual) {
+    const A c = -adv * A(o.dual);
+    const bool neg = adv < A(0);
+    fd = neg ? dmin_a(l, c) : A(1);
+    out = neg ? (l < c ? l : c) : l;
+    const A unclipped_max = (-adv * w > a2) ? -adv * w : a2;  // the reference flags with w, not min(w, delta)
+    hit = (neg && c < unclipped_max) ? A(1) : A(0);
+  }
+  *dw = fd * f1 * (-adv) * dwu;
+  *dwc = fd * f2 * (-adv);
+  *dual_hit = hit;
+  return out;
+}
+
+// SAPO: -(4 / tau) sigmoid(tau (w - 1)) A; dl/dw = -4 A sig (1 - sig).
+template <typename A> FUSEDRL_HD A sapo_surrogate(A w, A adv, const Options& o, A* dw) {
+  const A tau = adv > A(0) ? A(o.tau_pos) : A(o.tau_neg);
+  const A sig = A(1) / (A(1) + exp_any(-tau * (w - A(1))));
+  *dw = -A(4) * adv * sig * (A(1) - sig);
+  return -(sig * A(4) / tau) * adv;
+}
+
+// ---- rollout correction: the token weight from d = o - mu (or the row's sum for sequence modes) ----
+template <typename A> FUSEDRL_HD A rollout_weight(A d, const Options& o) {
+  A q = exp_any(clamp_log(d, o));
+  const bool truncate = o.rollout == kTokenTruncate || o.rollout == kSequenceTruncate;
+  if (truncate) {
+    q = (o.has_cap_low && q < A(o.cap_low)) ? A(o.cap_low) : q;
+    q = (o.has_cap && q > A(o.cap)) ? A(o.cap) : q;
+  } else {
+    const bool keep = (!o.has_cap || q <= A(o.cap)) && (!o.has_cap_low || q >= A(o.cap_low));
+    q = keep ? q : A(0);
+  }
+  return q;
+}
+
+// ---- KL estimators of diff = x - r: value of the kind, derivative (k2's for the "+" kinds) ----
+template <typename A> FUSEDRL_HD A kl_value(A diff, int kind, A* deriv) {
+  switch (kind) {
+    case kK1: *deriv = A(1); return diff;
+    case kAbs: *deriv = diff > A(0) ? A(1) : (diff < A(0) ? A(-1) : A(0)); return diff < A(0) ? -diff : diff;
+    case kK2: *deriv = diff; return A(0.5) * diff * diff;
+    case kK3: {
+      const A d = -diff;
+      const A e = exp_any(d);
+      *deriv = A(1) - e;
+      return e - d - A(1);
+    }
+    default: {  // low_var_kl
+      const A d0 = -diff;
+      const A d = clampv(d0, A(-kLowVarLogBound), A(kLowVarLogBound));
+      const A e = exp_any(d);
+      const A v0 = e - d - A(1);
+      const A v = clampv(v0, A(-kLowVarValueBound), A(kLowVarValueBound));
+      *deriv = (A(1) - e) * inside(d0, A(-kLowVarLogBound), A(kLowVarLogBound)) *
+               inside(v0, A(-kLowVarValueBound), A(kLowVarValueBound));
+      return v;
+    }
+  }
+}
+
+// ---- geo_mean (GMPO): the sign-aware clipped log-ratio, its derivative in rho and clip flag ----
+template <typename A> FUSEDRL_HD A geo_log_ratio(A rho, A adv, const Options& o, A* drho, A* clipped) {
+  const A rc = clampv(rho, A(-o.geo_lo), A(o.geo_hi));
+  *clipped = rho != rc ? A(1) : A(0);
+  if (adv > A(0)) {
+    *drho = rho <= A(o.geo_hi) ? A(1) : A(0);
+    return rho < rc ? rho : rc;
+  }
+  if (adv < A(0)) {
+    *drho = rho >= A(-o.geo_lo) ? A(1) : A(0);
+    return rho > rc ? rho : rc;
+  }
+  *drho = A(0);
+  return A(0);
+}
+
+// ---- per-row quantities from the row statistics (the first pass) ----
+template <typename A> struct Row {
+  A count_div;   // max(n, 1) semantics: n if n > 0 else 1
+  A s, s_pass;   // sequence ratio s_i and its clamp's gradient factor
+  A log_s;       // unclamped mean log-ratio (sequence-token)
+  A adv_mean;    // geo_mean: the row's mean advantage
+  A geo, geo_pass;  // geo_mean: exp(mean rho~) and its clamp factor
+  A q_row;       // sequence rollout weight, or geo_mean's geometric mean of the token weights
+  A h_max;       // hybrid entropy mixing
+};
+
+// stats: the row's kNumStats values.
+template <typename A> FUSEDRL_HD Row<A> row_quantities(const double* stats, const Options& o) {
+  Row<A> r;
+  const A n = A(stats[kCount]);
+  r.count_div = n > A(0) ? n : A(1);
+  r.log_s = A(stats[kSumRho]) / r.count_div;
+  r.s = exp_any(clamp_log(r.log_s, o));
+  r.s_pass = clamp_log_pass(r.log_s, o);
+  r.adv_mean = A(stats[kSumAdv]) / r.count_div;
+  const A geo_mean = A(stats[kSumGeo]) / r.count_div;
+  r.geo = exp_any(clamp_log(geo_mean, o));
+  r.geo_pass = clamp_log_pass(geo_mean, o);
+  r.q_row = A(1);
+  if (o.rollout == kSequenceTruncate || o.rollout == kSequenceMask) {
+    const A q = rollout_weight(A(stats[kSumRollout]), o);
+    // geo_mean takes the geometric mean of the (constant) token weights: exp(mean log(q + eps))
+    r.q_row = o.surrogate == kGeoMean ? exp_any(log_acc(q + A(kGeoMeanLogEps)) * n / r.count_div) : q;
+  } else if (o.rollout != kNoRollout && o.surrogate == kGeoMean) {
+    r.q_row = exp_any(A(stats[kSumLogQ]) / r.count_div);
+  }
+  r.h_max = A(stats[kMaxEntropy]);
+  return r;
+}
+
+}  // namespace policy
+}  // namespace fusedrl
