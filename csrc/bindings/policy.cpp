@@ -59,6 +59,7 @@ policy::Options options(const std::vector<int64_t>& f, const std::vector<double>
   o.tau_pos = d[15];
   o.tau_neg = d[16];
   o.alpha = d[17];
+  o.resolve();
   return o;
 }
 

@@ -29,7 +29,7 @@ namespace {
 
 using namespace ::fusedrl::policy;
 
-constexpr int64_t kTile = 128;
+constexpr int64_t kTile = 256;
 
 FUSEDRL_HD float up(float x) { return x; }
 FUSEDRL_HD double up(double x) { return x; }
@@ -43,6 +43,9 @@ template <typename S, typename A> FUSEDRL_HD void load_as(const S* p, int64_t s,
   if (s == 1) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) out[j] = A(up(p[j]));
+  } else if (s == 0) {  // a per-row value (per-sequence advantages)
+    const A v = A(up(p[0]));
+    for (int64_t j = 0; j < n; ++j) out[j] = v;
   } else {
     for (int64_t j = 0; j < n; ++j) out[j] = A(up(p[j * s]));
   }
@@ -83,6 +86,10 @@ template <typename A> FUSEDRL_HD void store(const View& v, int64_t i, int64_t st
     case kFloat16: store_as(static_cast<f16_t*>(p) + off, v.s_tok, n, in); break;
     default: store_as(static_cast<double*>(p) + off, v.s_tok, n, in); break;
   }
+}
+
+template <typename A> FUSEDRL_HD void zero(A* p, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) p[j] = A(0);
 }
 
 template <typename A> struct Tile {
@@ -143,7 +150,7 @@ FUSEDRL_HD void load_tile(const PolicyArgs& a, int64_t i, int64_t start, int64_t
 // ---------------------------------------------------------------------------------------------
 // pass 1: row statistics
 
-template <typename A> void stats_rows(const Work<A>& wk, int64_t r0, int64_t r1) {
+template <typename A> FUSEDRL_HD void stats_rows(const Work<A>& wk, int64_t r0, int64_t r1) {
   const PolicyArgs& a = *wk.a;
   const Options& o = a.opt;
   Tile<A>& T = *wk.tile;
@@ -225,8 +232,9 @@ FUSEDRL_HD void ratio_stage(const Options& opt, const Row<A>& row, int64_t n, Ti
         T.pw[j] = w * clamp_log_pass(rho, o);
         T.wc[j] = clip_ratio(w, lo, hi, below);
         T.pwc[j] = clip_ratio_pass(w, lo, hi, below) * T.pw[j];
-        T.rw[j] = T.rwc[j] = A(0);
       }
+      zero(T.rw, n);
+      zero(T.rwc, n);
       break;
     case kSequence: {
       const A wc = clip_ratio(row.s, lo, hi, below), pc = clip_ratio_pass(row.s, lo, hi, below);
@@ -249,8 +257,9 @@ FUSEDRL_HD void ratio_stage(const Options& opt, const Row<A>& row, int64_t n, Ti
         T.pw[j] = pw;
         T.wc[j] = wc;
         T.pwc[j] = pwc;
-        T.rw[j] = T.rwc[j] = A(0);
       }
+      zero(T.rw, n);
+      zero(T.rwc, n);
       break;
     }
     case kHybrid: {
@@ -294,8 +303,9 @@ FUSEDRL_HD void ratio_stage(const Options& opt, const Row<A>& row, int64_t n, Ti
         T.wc[j] = wc;
         T.pw[j] = w * clamp_log_pass(cj, o);
         T.pwc[j] = wc * clamp_log_pass(cc, o) * dcc;
-        T.rw[j] = T.rwc[j] = A(0);
       }
+      zero(T.rw, n);
+      zero(T.rwc, n);
       *c_carry = c;
       *n_carry = cnt;
       break;
@@ -314,17 +324,17 @@ template <typename A> FUSEDRL_HD void surrogate_stage(const Options& opt, const 
         T.l[j] = clip_surrogate(T.w[j], T.wc[j], T.adv[j], o, &dw, &dwc, &hit);
         T.dw[j] = dw;
         T.dwc[j] = dwc;
-        T.dx[j] = A(0);
         T.f_dual[j] = hit;
       }
+      zero(T.dx, n);
       break;
     case kCispo:
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
         T.l[j] = -T.wc[j] * T.adv[j] * T.x[j];
         T.dx[j] = -T.wc[j] * T.adv[j];
-        T.dw[j] = T.dwc[j] = T.f_dual[j] = A(0);
       }
+      zero(T.dw, n), zero(T.dwc, n), zero(T.f_dual, n);
       break;
     case kSapo:
 #pragma omp simd
@@ -332,24 +342,24 @@ template <typename A> FUSEDRL_HD void surrogate_stage(const Options& opt, const 
         A dw;
         T.l[j] = sapo_surrogate(T.w[j], T.adv[j], o, &dw);
         T.dw[j] = dw;
-        T.dwc[j] = T.dx[j] = T.f_dual[j] = A(0);
       }
+      zero(T.dwc, n), zero(T.dx, n), zero(T.f_dual, n);
       break;
     case kReinforce:
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
         T.l[j] = -T.w[j] * T.adv[j];
         T.dw[j] = -T.adv[j];
-        T.dwc[j] = T.dx[j] = T.f_dual[j] = A(0);
       }
+      zero(T.dwc, n), zero(T.dx, n), zero(T.f_dual, n);
       break;
     case kGpg:
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
         T.l[j] = -T.adv[j] * T.x[j];
         T.dx[j] = -T.adv[j];
-        T.dw[j] = T.dwc[j] = T.f_dual[j] = A(0);
       }
+      zero(T.dw, n), zero(T.dwc, n), zero(T.f_dual, n);
       break;
     default: {  // geo_mean: every token carries the row's -mean(A) exp(mean rho~)
       const A value = -row.adv_mean * row.geo;
@@ -383,44 +393,58 @@ template <typename A> FUSEDRL_HD void rollout_stage(const Options& opt, const Ro
   const bool per_token = (o.rollout == kTokenTruncate || o.rollout == kTokenMask || o.rollout == kIcepop) &&
                          o.surrogate != kGeoMean;
   if (per_token) {
+    if (o.rollout == kTokenTruncate) {  // one loop per mode: the mode select would stop the vectorizer
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) T.q[j] = rollout_weight(T.o[j] - T.mu[j], o);
+      for (int64_t j = 0; j < n; ++j) T.q[j] = rollout_truncate(T.o[j] - T.mu[j], o);
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) T.q[j] = rollout_mask(T.o[j] - T.mu[j], o);
+    }
   } else {
     for (int64_t j = 0; j < n; ++j) T.q[j] = row.q_row;
   }
 }
 
-template <int KIND, typename A> FUSEDRL_HD void kl_loop(const Options& opt, int64_t n, Tile<A>& T) {
-  const Options o = opt;  // a local copy: stores to the tile cannot alias it
-  const bool straight = o.kl_straight, bias = o.bias_kl;
+// KIND, STRAIGHT and BIAS are template arguments: a bool option inside the select of a simd loop
+// stops GCC's vectorizer.
+template <int KIND, bool STRAIGHT, bool BIAS, typename A> FUSEDRL_HD void kl_loop(int64_t n, Tile<A>& T) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const A diff = T.x[j] - T.r[j];
     A dk;
     const A k = kl_value(diff, KIND, &dk);
-    dk = straight ? diff : dk;
-    T.kl[j] = bias ? k * T.w[j] : k;
-    T.dkl_x[j] = bias ? dk * T.w[j] : dk;
-    T.dkl_w[j] = bias ? k : A(0);
+    if (STRAIGHT) dk = diff;
+    T.kl[j] = BIAS ? k * T.w[j] : k;
+    T.dkl_x[j] = BIAS ? dk * T.w[j] : dk;
+    T.dkl_w[j] = BIAS ? k : A(0);
   }
 }
 
-template <typename A> FUSEDRL_HD void kl_stage(const Options& opt, bool has_ref, int64_t n, Tile<A>& T) {
-  const Options o = opt;  // a local copy: stores to the tile cannot alias it
+template <int KIND, typename A> FUSEDRL_HD void kl_kind(const Options& o, int64_t n, Tile<A>& T) {
+  if (o.kl_straight) {
+    if (o.bias_kl) kl_loop<KIND, true, true>(n, T);
+    else kl_loop<KIND, true, false>(n, T);
+  } else {
+    if (o.bias_kl) kl_loop<KIND, false, true>(n, T);
+    else kl_loop<KIND, false, false>(n, T);
+  }
+}
+
+template <typename A> FUSEDRL_HD void kl_stage(const Options& o, bool has_ref, int64_t n, Tile<A>& T) {
   if (!has_ref) {
     for (int64_t j = 0; j < n; ++j) T.kl[j] = T.dkl_x[j] = T.dkl_w[j] = A(0);
     return;
   }
   switch (o.kl) {
-    case kK1: kl_loop<kK1>(o, n, T); break;
-    case kAbs: kl_loop<kAbs>(o, n, T); break;
-    case kK2: kl_loop<kK2>(o, n, T); break;
-    case kK3: kl_loop<kK3>(o, n, T); break;
-    default: kl_loop<kLowVar>(o, n, T); break;
+    case kK1: kl_kind<kK1>(o, n, T); break;
+    case kAbs: kl_kind<kAbs>(o, n, T); break;
+    case kK2: kl_kind<kK2>(o, n, T); break;
+    case kK3: kl_kind<kK3>(o, n, T); break;
+    default: kl_kind<kLowVar>(o, n, T); break;
   }
 }
 
-template <typename A> void loss_rows(const Work<A>& wk, int64_t r0, int64_t r1) {
+template <typename A> FUSEDRL_HD void loss_rows(const Work<A>& wk, int64_t r0, int64_t r1) {
   const PolicyArgs& a = *wk.a;
   const Options& o = a.opt;
   Tile<A>& T = *wk.tile;
@@ -454,27 +478,34 @@ template <typename A> void loss_rows(const Work<A>& wk, int64_t r0, int64_t r1) 
       rollout_stage(o, row, n, T);
       kl_stage(o, has_ref, n, T);
       const A dx_scale = o.surrogate == kGeoMean ? geo_weight : A(1);
-#pragma omp simd reduction(+ : s_sur, s_kl, s_h, cnt, c_low, c_high, c_dual, s_w, s_q, dlds)
+      // the tile's sums in A (each simd lane adds n / width terms), then added to the row's in double
+      A t_sur = 0, t_kl = 0, t_h = 0, t_cnt = 0, t_low = 0, t_high = 0, t_dual = 0, t_w = 0, t_q = 0, t_ds = 0;
+#pragma omp simd reduction(+ : t_sur, t_kl, t_h, t_cnt, t_low, t_high, t_dual, t_w, t_q, t_ds)
       for (int64_t j = 0; j < n; ++j) {
+        // padded tokens (m = 0) contribute exact zeros, even where a row-level value is inf
+        // (log_ratio_clamp=None): selected, not multiplied by 0
         const A m = T.m[j];
+        const bool ok = m != A(0);
         const A mq = m * g * T.q[j];
         const A dw = mq * T.dw[j] + m * bg * T.dkl_w[j];
         const A dwc = mq * T.dwc[j];
         const A dx = mq * T.dx[j] * dx_scale + m * bg * T.dkl_x[j];
         const A local = dw * T.pw[j] + dwc * T.pwc[j];  // dL/dc_t for cumulative
-        T.g[j] = cumulative ? dx : dx + local;
-        T.dc[j] = local;
-        dlds += double(dw * T.rw[j] + dwc * T.rwc[j]);
-        s_sur += double(m * T.q[j] * T.l[j]);
-        s_kl += double(m * T.kl[j]);
-        s_h += double(m * T.h[j]);
-        cnt += double(m);
-        c_low += double(m * T.f_low[j]);
-        c_high += double(m * T.f_high[j]);
-        c_dual += double(m * T.f_dual[j]);
-        s_w += double(m * T.w[j]);
-        s_q += double(m * T.q[j]);
+        T.g[j] = ok ? (cumulative ? dx : dx + local) : A(0);
+        T.dc[j] = ok ? local : A(0);
+        t_ds += ok ? dw * T.rw[j] + dwc * T.rwc[j] : A(0);
+        t_sur += ok ? m * T.q[j] * T.l[j] : A(0);
+        t_kl += ok ? m * T.kl[j] : A(0);
+        t_h += m * T.h[j];
+        t_cnt += m;
+        t_low += m * T.f_low[j];
+        t_high += m * T.f_high[j];
+        t_dual += m * T.f_dual[j];
+        t_w += ok ? m * T.w[j] : A(0);
+        t_q += ok ? m * T.q[j] : A(0);
       }
+      s_sur += t_sur, s_kl += t_kl, s_h += t_h, cnt += t_cnt, c_low += t_low, c_high += t_high;
+      c_dual += t_dual, s_w += t_w, s_q += t_q, dlds += t_ds;
       if (want_gx) {
         if (coupled || cumulative) {
           std::copy(T.g, T.g + n, gx_row + t0);
@@ -493,7 +524,7 @@ template <typename A> void loss_rows(const Work<A>& wk, int64_t r0, int64_t r1) 
     if (want_gx && coupled) {  // dL/dx_t += m_t dL/ds ds/d(sum m rho) with ds = s / n per unit of m rho
       const A k = A(dlds) * row.s * row.s_pass / row.count_div;
 #pragma omp simd
-      for (int64_t t = 0; t < len; ++t) gx_row[t] += m_row[t] * k;
+      for (int64_t t = 0; t < len; ++t) gx_row[t] = m_row[t] != A(0) ? gx_row[t] + m_row[t] * k : A(0);
     }
     if (want_gx && cumulative) {  // c_t = sum_{t'<=t} m rho: dL/dx_t = direct_t + m_t sum_{t'>=t} dL/dc_t'
       double suffix = 0;

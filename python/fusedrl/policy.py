@@ -31,7 +31,7 @@ AGGREGATIONS = _ref_aggregate.MODES
 SURROGATES = _ref_policy.SURROGATES
 RATIOS = _ref_policy.RATIOS
 ROLLOUT_CORRECTIONS = _ref_policy.ROLLOUT_CORRECTIONS
-POLICY_BACKENDS = ("cpu", "torch")  # the backends with a policy_loss kernel
+POLICY_BACKENDS = ("cpu", "cuda", "triton", "torch")  # the backends with a policy_loss kernel
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64) + check.FLOAT_DTYPES
 
 

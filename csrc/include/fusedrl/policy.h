@@ -73,6 +73,15 @@ struct Options {
   double dual = 3.0, delta = 0.0, beta = 0.0, entropy_coef = 0.0;
   double cap = 3.0, cap_low = 0.0, clamp = 20.0;
   double tau_pos = 1.0, tau_neg = 1.05, alpha = 0.5;
+
+  // Absent bounds as infinities (delta, caps, the log-ratio clamp), so the per-token math has no
+  // option tests; call once after filling the fields.
+  void resolve() {
+    if (!has_delta) delta = INFINITY;
+    if (!has_cap) cap = INFINITY;
+    if (!has_cap_low) cap_low = -INFINITY;
+    if (!has_clamp) clamp = INFINITY;
+  }
 };
 
 // ---- elementary pieces ----
@@ -111,28 +120,29 @@ template <typename A> FUSEDRL_HD A dmax_a(A a, A b) { return a > b ? A(1) : (a =
 template <typename A> FUSEDRL_HD A dmin_a(A a, A b) { return a < b ? A(1) : (a == b ? A(0.5) : A(0)); }
 
 // The log-weight clamp before every exp: (value, pass) with pass the clamp's gradient factor.
-template <typename A> FUSEDRL_HD A clamp_log(A v, const Options& o) {
-  return o.has_clamp ? clampv(v, A(-o.clamp), A(o.clamp)) : v;
-}
+// (An absent bound is +inf: Options::resolve.)
+template <typename A> FUSEDRL_HD A clamp_log(A v, const Options& o) { return clampv(v, A(-o.clamp), A(o.clamp)); }
 template <typename A> FUSEDRL_HD A clamp_log_pass(A v, const Options& o) {
-  return o.has_clamp ? inside(v, A(-o.clamp), A(o.clamp)) : A(1);
+  return inside(v, A(-o.clamp), A(o.clamp));
 }
 
-// clip(w) to [lo, hi] (or only w <= hi when clip_below is false) and its derivative in w.
+// clip(w) to [lo, hi] (or only w <= hi when clip_below is false) and its derivative in w. (No
+// `below && ...` inside: a bool in the select stops GCC's vectorizer, so the bound is resolved first.)
+template <typename A> FUSEDRL_HD A lower_bound(A lo, bool below) { return below ? lo : A(-INFINITY); }
 template <typename A> FUSEDRL_HD A clip_ratio(A w, A lo, A hi, bool below) {
-  const A up = w > hi ? hi : w;
-  return (below && w < lo) ? lo : up;
+  const A l = lower_bound(lo, below);
+  return w < l ? l : (w > hi ? hi : w);
 }
 template <typename A> FUSEDRL_HD A clip_ratio_pass(A w, A lo, A hi, bool below) {
-  return ((!below || w >= lo) && w <= hi) ? A(1) : A(0);
+  return inside(w, lower_bound(lo, below), hi);
 }
 
 // ---- surrogates: value and partials dl/dw (unclipped ratio), dl/dwc (clipped), dl/dx (direct) ----
 
 // clip (PPO / GRPO / DAPO) with TRL's delta and verl's dual clip; also returns the dual-clip flag.
 template <typename A> FUSEDRL_HD A clip_surrogate(A w, A wc, A adv, const Options& o, A* dw, A* dwc, A* dual_hit) {
-  const A wu = o.has_delta ? (w > A(o.delta) ? A(o.delta) : w) : w;
-  const A dwu = o.has_delta ? (w <= A(o.delta) ? A(1) : A(0)) : A(1);
+  const A wu = w > A(o.delta) ? A(o.delta) : w;  // delta = +inf when absent
+  const A dwu = w <= A(o.delta) ? A(1) : A(0);
   const A a1 = -adv * wu, a2 = -adv * wc;
   const A l = a1 > a2 ? a1 : a2;
   const A f1 = dmax_a(a1, a2), f2 = A(1) - f1;
@@ -160,17 +170,18 @@ template <typename A> FUSEDRL_HD A sapo_surrogate(A w, A adv, const Options& o, 
 }
 
 // ---- rollout correction: the token weight from d = o - mu (or the row's sum for sequence modes) ----
+// *_truncate clamps q = exp(d) to [cap_low, cap]; *_mask and icepop keep q inside it, else 0.
+// Absent caps are +inf / -inf (Options::resolve).
+template <typename A> FUSEDRL_HD A rollout_truncate(A d, const Options& o) {
+  return clampv(exp_any(clamp_log(d, o)), A(o.cap_low), A(o.cap));
+}
+template <typename A> FUSEDRL_HD A rollout_mask(A d, const Options& o) {
+  const A q = exp_any(clamp_log(d, o));
+  return (q >= A(o.cap_low) && q <= A(o.cap)) ? q : A(0);
+}
 template <typename A> FUSEDRL_HD A rollout_weight(A d, const Options& o) {
-  A q = exp_any(clamp_log(d, o));
   const bool truncate = o.rollout == kTokenTruncate || o.rollout == kSequenceTruncate;
-  if (truncate) {
-    q = (o.has_cap_low && q < A(o.cap_low)) ? A(o.cap_low) : q;
-    q = (o.has_cap && q > A(o.cap)) ? A(o.cap) : q;
-  } else {
-    const bool keep = (!o.has_cap || q <= A(o.cap)) && (!o.has_cap_low || q >= A(o.cap_low));
-    q = keep ? q : A(0);
-  }
-  return q;
+  return truncate ? rollout_truncate(d, o) : rollout_mask(d, o);
 }
 
 // ---- KL estimators of diff = x - r: value of the kind, derivative (k2's for the "+" kinds) ----

@@ -305,6 +305,12 @@ def fused_policy_loss(backend: str, logp, old_logp, advantages, mask, *, ref_log
     validated by :func:`fusedrl.policy_loss`). Returns ``(loss, metrics)``."""
     p = params
     flags, values = option_lists(p)
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(torch.int64).contiguous()  # the kernels read int64 offsets
+    # constants for the kernels (the policy_objective autograd returns no gradient for them)
+    old_logp, advantages, ref_logp, rollout_logp = (
+        None if t is None else t.detach() for t in (old_logp, advantages, ref_logp, rollout_logp)
+    )
     B = _rows(logp, cu_seqlens)
     acc = torch.float64 if logp.dtype == torch.float64 else torch.float32
     modes = [p.aggregation]

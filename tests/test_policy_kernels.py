@@ -1,0 +1,332 @@
+"""The C++ CPU fused policy objective (csrc/cpu/policy.cpp) against the plain-PyTorch reference:
+loss, every metric, d loss / d logp and d loss / d entropy over the whole option grid (float64 to
+1e-10; float32 to 1e-5 of the float64 gold; bfloat16 within twice the reference's own bfloat16
+error), the packed layout, extreme log-ratios, B = 1 / T = 1 / all-masked rows, the micro-batch
+invariance law for every aggregation, determinism under thread counts, the ops (opcheck,
+torch.compile), every ISA variant, and bad input. The Triton twin has tests/test_policy_triton.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+import fusedrl
+from fusedrl import _ext
+from fusedrl.ops import policy as op
+from fusedrl.policy import PolicyParams
+from policy_cases import (
+    ENT, GRID, KL_ALL, PACKED, _case_id, _options, assert_same, make_inputs, pack, run, scenarios, without,
+)
+
+pytestmark = pytest.mark.skipif(_ext.load() is None, reason="the C++ extension is not built")
+
+AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
+                "balanced")
+
+
+def compare(d, *, rtol=1e-10, atol=1e-10, **opts):
+    got = run("cpu", d, **opts)
+    assert_same(got, run("torch", d, **opts), rtol, atol, f"cpu vs torch {opts}")
+    return got
+
+
+def gold(d):
+    """The operands in float64 (the gold's inputs: the same values)."""
+    return {k: (v.to(torch.float64) if v is not None and v.is_floating_point() and k != "mask" else v)
+            for k, v in d.items()}
+
+
+def error(got, want):
+    """Max error of (loss, metrics, grads) against the gold, each relative to the gold's scale."""
+    out = []
+    for a, b in zip([got[0], *got[1].values(), got[2]] + ([got[3]] if got[3] is not None else []),
+                    [want[0], *want[1].values(), want[2]] + ([want[3]] if want[3] is not None else [])):
+        scale = max(1.0, float(b.abs().max())) if b.numel() else 1.0
+        out.append(float((a.to(torch.float64) - b).abs().max()) / scale if b.numel() else 0.0)
+    return max(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# the option grid
+
+
+@pytest.mark.parametrize("case", GRID, ids=[_case_id(c) for c in GRID])
+def test_grid_float64(case):
+    i = GRID.index(case)
+    mask = ("bool", "float", "int32", "uint8", "int64")[i % 5]
+    d = make_inputs(4, 9, torch.float64, seed=i, per_token_adv=i % 3 == 1, mask=mask)
+    compare(d, **_options(case, 4))
+
+
+@pytest.mark.parametrize("case", GRID, ids=[_case_id(c) for c in GRID])
+def test_grid_float32_against_gold(case):
+    """float32 operands: within 1e-5 of the float64 gold (relative to each output's scale)."""
+    i = GRID.index(case)
+    d = make_inputs(4, 9, torch.float32, seed=50 + i, per_token_adv=i % 2 == 0, mask=("bool", "float")[i % 2])
+    opts = _options(case, 4)
+    got = run("cpu", d, **opts)
+    want = run("torch", gold(d), **opts)
+    assert got[2].dtype == torch.float32 and got[0].dtype == torch.float32
+    assert error(got, want) < 1e-5, error(got, want)
+
+
+@pytest.mark.parametrize("case", GRID[::3], ids=[_case_id(c) for c in GRID[::3]])
+def test_grid_bfloat16_within_twice_torch(case):
+    """bfloat16 operands: the kernel's error against the float64 gold is at most twice the
+    reference's own error in bfloat16 (plus a bfloat16 ulp of slack for outputs the reference
+    gets exactly)."""
+    i = GRID.index(case)
+    d = make_inputs(4, 9, torch.bfloat16, seed=90 + i, per_token_adv=i % 2 == 1, mask=("bool", "float")[i % 2])
+    opts = _options(case, 4)
+    want = run("torch", gold(d), **opts)
+    got = run("cpu", d, **opts)
+    torch_err = error(run("torch", d, **opts), want)
+    assert got[2].dtype == torch.bfloat16
+    assert error(got, want) <= 2 * torch_err + 2**-8, (error(got, want), torch_err)
+
+
+@settings(max_examples=60, deadline=None)
+@given(scenarios())
+def test_hypothesis_options_and_layouts(scenario):
+    data, opts = scenario
+    d = make_inputs(data["B"], data["T"], torch.float64, seed=data["seed"], per_token_adv=data["per_token_adv"],
+                    mask=data["mask"])
+    if data["packed"]:
+        d, cu = pack(d)
+        compare(d, cu_seqlens=cu, **opts)
+    else:
+        compare(d, **opts)
+
+
+# ---------------------------------------------------------------------------------------------
+# layouts and edges
+
+
+@pytest.mark.parametrize("case", PACKED, ids=[_case_id(c) for c in PACKED])
+def test_packed_layout(case):
+    """cu_seqlens with logp [1, N] (verl's remove-padding layout) against the reference on the
+    padded equivalent; int32 and int64 offsets."""
+    i = PACKED.index(case)
+    d, cu = pack(make_inputs(4, 7, torch.float64, seed=300 + i, per_token_adv=i % 2 == 1))
+    got = compare(d, cu_seqlens=cu, **_options(case, 4))
+    assert got[2].shape == d["logp"].shape
+    compare(d, cu_seqlens=cu.to(torch.int32), **_options(case, 4))
+
+
+def test_packed_tokens_outside_segments_get_zero_gradient():
+    d = make_inputs(4, 5, torch.float64, seed=7, nan=False, per_token_adv=True)
+    p, _ = pack(d)
+    N = p["logp"].shape[-1]
+    p = {k: v.reshape(-1) if v is not None and v.dim() == 2 else v for k, v in p.items()}
+    cu = torch.tensor([0, 3, 3, N - 2, N - 2])
+    for opts in (dict(ratio="cumulative", **KL_ALL, **ENT), dict(ratio="sequence", aggregation="seq-mean-token-mean")):
+        got = compare(p, cu_seqlens=cu, **opts)
+        assert torch.equal(got[2][-2:], torch.zeros(2, dtype=torch.float64))
+
+
+EXTREME = [(r, s) for s in ("clip", "cispo", "sapo", "reinforce", "gpg")
+           for r in ("token", "sequence", "sequence-token", "cumulative", "hybrid")] + [("token", "geo_mean")]
+
+
+@pytest.mark.parametrize("ratio,surrogate", EXTREME)
+@pytest.mark.parametrize("magnitude", [50.0, 1e4])
+def test_extreme_log_ratios_are_finite(ratio, surrogate, magnitude):
+    """Log-ratios of +-50 and +-1e4: a finite loss and gradient (the clamp), equal to the
+    reference's in float64 and float32 (in float32 against the float32 reference: x - o rounds at
+    1e4 * eps in any float32 code, the kernel's and torch's alike)."""
+    for dtype in (torch.float64, torch.float32):
+        d = make_inputs(3, 4, dtype, seed=5)
+        shift = torch.tensor([magnitude, -magnitude, 0.5, -0.5], dtype=dtype)
+        d["old_logp"] = d["logp"] + shift
+        d["rollout_logp"] = d["old_logp"] - shift
+        opts = dict(surrogate=surrogate, ratio=ratio, rollout_correction="token_truncate", beta=0.1, kl="low_var_kl",
+                    **ENT)
+        got = run("cpu", d, **opts)  # assert_same / run check finiteness of every output
+        want = run("torch", d, **opts)
+        assert error(got, want) < (1e-10 if dtype == torch.float64 else 1e-5)
+        assert all(torch.isfinite(t).all() for t in (got[0], got[2], got[3], *got[1].values()))
+
+
+@pytest.mark.parametrize("ratio", ["token", "sequence", "cumulative", "hybrid"])
+def test_b1_t1_and_fully_masked_batch(ratio):
+    for B, T in ((1, 1), (1, 3), (2, 1)):
+        compare(make_inputs(B, T, torch.float64, seed=B * 10 + T, empty_row=False), ratio=ratio, **KL_ALL, **ENT)
+    d = make_inputs(2, 3, torch.float64, seed=3)
+    d["mask"] = torch.zeros_like(d["mask"])
+    loss, metrics, gx, gh = compare(d, ratio=ratio, aggregation="seq-mean-token-mean", **KL_ALL, **ENT)
+    assert float(loss) == 0.0 and torch.equal(gx, torch.zeros_like(gx)) and torch.equal(gh, torch.zeros_like(gh))
+
+
+def test_long_rows_cross_tiles():
+    """Rows of 1000 tokens (several 256-token tiles: carried prefix / suffix sums, row terms)."""
+    for case in (dict(ratio="cumulative", **KL_ALL, **ENT), dict(ratio="hybrid", hybrid_mixing="entropy"),
+                 dict(ratio="sequence", rollout_correction="sequence_truncate", rollout_cap=1.5)):
+        compare(make_inputs(3, 1000, torch.float64, seed=17, per_token_adv=True, mask="float", scale=0.05), **case)
+
+
+def test_no_old_logp_strided_and_no_entropy_grad():
+    d = without(make_inputs(3, 12, torch.float64, seed=9, per_token_adv=True), "old_logp")
+    s = {k: (v[:, ::2] if v is not None and v.dim() == 2 else v) for k, v in d.items()}
+    assert not s["logp"].is_contiguous()
+    compare(s, ratio="cumulative", **KL_ALL, **ENT)
+    compare(s, ratio="hybrid", hybrid_mixing="entropy", entropy_coef=0.1, entropy_grad=False)
+
+
+def test_clamp_off_overflow_keeps_padding_exact():
+    """log_ratio_clamp=None with an overflowing sequence ratio: padded tokens still get an exact
+    zero gradient (selected, never 0 * inf)."""
+    d = make_inputs(3, 5, torch.float64, seed=4)
+    d["old_logp"] = d["logp"] - 800.0
+    got = run("cpu", d, ratio="sequence", log_ratio_clamp=None)
+    padded = d["mask"] == 0
+    assert torch.equal(got[2][padded], torch.zeros_like(got[2][padded]))
+
+
+def test_upstream_gradient_scales():
+    d = make_inputs(3, 6, torch.float64, seed=2)
+    for be in ("cpu", "torch"):
+        x = d["logp"].clone().requires_grad_()
+        loss, _ = fusedrl.policy_loss(x, d["old_logp"], d["advantages"], d["mask"], backend=be, beta=0.1,
+                                      ref_logp=d["ref_logp"])
+        (loss * 0.25).backward()
+        if be == "cpu":
+            g_cpu = x.grad
+    torch.testing.assert_close(g_cpu, x.grad, rtol=1e-12, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------------------------
+# the invariance law on the kernel
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_microbatch_invariance(aggregation):
+    """With global counts, micro-batch losses and gradients add up to the full batch's."""
+    from fusedrl.testing import check_microbatch_invariance  # noqa: PLC0415
+
+    d = make_inputs(8, 7, torch.float64, seed=41, nan=False, empty_row=True)
+    batch = dict(logp=d["logp"], old_logp=d["old_logp"], advantages=d["advantages"], mask=d["mask"],
+                 ref_logp=d["ref_logp"], group_ids=torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+
+    def loss_fn(b, **counts):
+        extra = dict(num_groups=4, group_ids=b["group_ids"]) if aggregation == "balanced" else {}
+        return fusedrl.policy_loss(b["logp"], b["old_logp"], b["advantages"], b["mask"], ref_logp=b["ref_logp"],
+                                   beta=0.1, kl_aggregation="token-mean", aggregation=aggregation, backend="cpu",
+                                   **extra, **counts)
+
+    check_microbatch_invariance(loss_fn, batch, splits=[2, 4, 2], keep_groups=aggregation == "balanced",
+                                rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# determinism, ops, compile, ISA variants
+
+
+def test_bitwise_deterministic_under_thread_counts():
+    d = make_inputs(16, 300, torch.float32, seed=8, per_token_adv=True, mask="float")
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            outs.append(run("cpu", d, ratio="cumulative", **KL_ALL, **ENT))
+    finally:
+        torch.set_num_threads(before)
+    for other in outs[1:]:
+        assert torch.equal(outs[0][0], other[0]) and torch.equal(outs[0][2], other[2])
+        assert all(torch.equal(outs[0][1][k], other[1][k]) for k in other[1])
+
+
+
+
+def test_opcheck():
+    d = make_inputs(3, 5, torch.float64, seed=1, per_token_adv=True)
+    p = PolicyParams(ratio="sequence", beta=0.1, entropy_coef=0.01)
+    flags, values = op.option_lists(p)
+    x = d["logp"].clone().requires_grad_()
+    h = d["entropy"].clone().requires_grad_()
+    stats_args = (x.detach(), d["old_logp"], d["advantages"], d["mask"], d["rollout_logp"], h.detach(), None, flags,
+                  values, False, "cpu")
+    torch.library.opcheck(op.policy_stats_op, stats_args)
+    stats = op.policy_stats_op(*stats_args)
+    coef = torch.rand(3, 3, dtype=torch.float64)
+    args = (x, d["old_logp"], d["advantages"], d["mask"], d["ref_logp"], d["rollout_logp"], h, None, stats, coef,
+            flags, values, True, True, "cpu")
+    torch.library.opcheck(op.policy_objective_op, args, test_utils=("test_schema", "test_faketensor",
+                                                                     "test_aot_dispatch_static"))
+
+
+def test_torch_compile_fullgraph():
+    d = make_inputs(3, 6, torch.float32, seed=3)
+
+    def f(x):
+        loss, metrics = fusedrl.policy_loss(x, d["old_logp"], d["advantages"], d["mask"], ref_logp=d["ref_logp"],
+                                            beta=0.04, num_tokens=10, backend="cpu")
+        return loss
+
+    x = d["logp"].clone().requires_grad_()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(x)
+    loss.backward()
+    y = d["logp"].clone().requires_grad_()
+    ref = f(y)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(x.grad, y.grad)
+
+
+CHILD = r"""
+import sys, torch, fusedrl
+sys.path.insert(0, sys.argv[2])
+from policy_cases import make_inputs, run
+out = {}
+for i, case in enumerate([dict(ratio="cumulative", beta=0.1, entropy_coef=0.01),
+                          dict(ratio="hybrid", rollout_correction="token_mask", rollout_cap=1.3, beta=0.1, kl="k3"),
+                          dict(surrogate="sapo", rollout_correction="token_truncate", rollout_cap=1.2)]):
+    d = make_inputs(4, 300, torch.float32, seed=i, mask="float")
+    out[i] = run("cpu", d, **case)
+torch.save(out, sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_isa_variants_agree(isa, tmp_path):
+    path = tmp_path / "out.pt"
+    here = os.path.dirname(__file__)
+    subprocess.run([sys.executable, "-c", CHILD, str(path), here], check=True,
+                   env=dict(os.environ, FUSEDRL_CPU_ISA=isa))
+    out = torch.load(path)
+    from policy_cases import make_inputs as mk  # noqa: PLC0415
+
+    for i, case in enumerate([dict(ratio="cumulative", beta=0.1, entropy_coef=0.01),
+                              dict(ratio="hybrid", rollout_correction="token_mask", rollout_cap=1.3, beta=0.1, kl="k3"),
+                              dict(surrogate="sapo", rollout_correction="token_truncate", rollout_cap=1.2)]):
+        want = run("torch", gold(mk(4, 300, torch.float32, seed=i, mask="float")), **case)
+        assert error(out[i], want) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_packed_input():
+    d, cu = pack(make_inputs(3, 5, torch.float64, seed=1))
+    args = (d["logp"], d["old_logp"], d["advantages"], d["mask"])
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        fusedrl.policy_loss(*args, cu_seqlens=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        fusedrl.policy_loss(*args, cu_seqlens=torch.tensor([0, 3, 2, 4]))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        fusedrl.policy_loss(*args, cu_seqlens=torch.tensor([0, 2, 10**6]))
+    with pytest.raises(TypeError, match="cu_seqlens"):
+        fusedrl.policy_loss(*args, cu_seqlens=torch.tensor([0.0, 2.0]))
+    with pytest.raises(ValueError, match="advantages"):
+        fusedrl.policy_loss(d["logp"], d["old_logp"], torch.zeros(7, dtype=torch.float64), d["mask"], cu_seqlens=cu)
+    with pytest.raises(ValueError, match="logp"):
+        fusedrl.policy_loss(d["logp"].expand(2, -1), None, d["advantages"], d["mask"].expand(2, -1), cu_seqlens=cu)
+    with pytest.raises(ValueError, match="max_length"):
+        fusedrl.policy_loss(*args, cu_seqlens=cu, aggregation="seq-mean-token-sum-norm", backend="cpu")
