@@ -6,7 +6,7 @@ zero-argument function running one forward+backward; `impl` names include "fused
 floor_note: what the floor measures.
 """
 
-from benchmarks.cases import advantages, gae, linear, logprobs
+from benchmarks.cases import advantages, gae, linear, logprobs, policy
 
 CASES = {
     logprobs.CASE: logprobs,
@@ -14,4 +14,5 @@ CASES = {
     gae.CASE: gae,
     linear.CASE: linear,
     linear.memory.CASE: linear.memory,
+    policy.CASE: policy,
 }
