@@ -197,7 +197,9 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3", *, 
     Args:
         logp, ref_logp: float tensors of the same shape (any shape, any float dtype).
         kind: the estimator.
-        backend: see :mod:`fusedrl.dispatch` (only ``"torch"`` implements it yet).
+        cu_seqlens: int32/int64 [S + 1] for the packed layout (see Layouts), or None.
+        backend: ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"`` (see :mod:`fusedrl.dispatch`);
+            None picks the first that accepts the call.
 
     Returns:
         The per-token estimate, float32 (float64 for float64 input), differentiable w.r.t. both.
@@ -328,7 +330,7 @@ def policy_loss(
     backend: str | None = None,
 ):
     r"""Policy-gradient loss (PPO, GRPO, DAPO, Dr. GRPO, GSPO, CISPO, SAPO, GMPO, GPG, CTPO, DHPO, ...)
-    of token log-probs in the padded [B, T] layout. Returns ``(loss, metrics)``.
+    of token log-probs, padded [B, T] or packed [1, N] with ``cu_seqlens``. Returns ``(loss, metrics)``.
 
     Notation: :math:`x` = ``logp`` (the only input with a gradient), :math:`o` = ``old_logp``,
     :math:`r` = ``ref_logp``, :math:`\mu` = ``rollout_logp``, :math:`\rho = x - o`, :math:`A` =
@@ -408,7 +410,26 @@ def policy_loss(
       ``num_items_in_batch`` is the global token count of the optimizer step and
       ``num_tokens=num_items_in_batch`` (the invariant choice) gives TRL's loss divided by D.
 
-    Layout and edge cases: padded [B, T] only (packed layouts come with the kernels). Padded tokens
+    How it runs: on the ``cpu``, ``cuda`` and ``triton`` backends one fused kernel computes the
+    ratio, surrogate, rollout weight, KL, entropy bonus and aggregation with at most two passes over
+    the tokens (a statistics pass when the ratio level or the aggregation needs per-row sums or
+    counts; then one pass writing the loss shares, the metrics and d loss / d logp together, the
+    gradient only when ``logp`` requires it), accumulating in float32 (float64 for float64 input).
+    The per-row normalizers come from the same :func:`fusedrl.reference.aggregate.row_coefficients`
+    as the reference. Outside ``torch.compile`` the gradient written in the forward is handed to
+    autograd without a copy, so one graph supports one backward (a second raises a RuntimeError);
+    under ``torch.compile`` the registered custom ops ``fusedrl::policy_stats`` and
+    ``fusedrl::policy_objective`` run instead (no graph break, repeated backward allowed). The
+    ``torch`` backend runs the reference (:mod:`fusedrl.reference.policy`).
+
+    Layouts: padded [B, T] with ``mask``, or verl's remove-padding layout: ``logp`` and the other
+    per-token tensors [1, N] (or [N]), ``cu_seqlens`` int32/int64 [S + 1] (starting at 0,
+    non-decreasing, ending at most at N) delimiting S sequences, ``advantages`` [S] or per token;
+    tokens outside every segment get no loss and a zero gradient. Both layouts run through the
+    same kernel (the reference pads the packed input). ``aggregation="seq-mean-token-sum-norm"``
+    needs ``max_length`` in the packed layout.
+
+    Edge cases: padded tokens
     (m = 0) never contribute, whatever their values (inf or NaN included), and get an exact zero
     gradient; a fully masked batch gives exactly 0 with zero gradients; log-ratios of
     :math:`\pm 10^4` give a finite loss and gradient for every surrogate and ratio level (the
@@ -416,12 +437,14 @@ def policy_loss(
     (counts become sums of weights).
 
     Args:
-        logp, old_logp: float [B, T] (``old_logp`` may be None).
+        logp, old_logp: float [B, T], or [1, N] / [N] with ``cu_seqlens`` (``old_logp`` may be None).
         advantages: float [B] (per sequence) or [B, T] (per token).
         mask: bool, int or float [B, T].
         ref_logp, rollout_logp, entropy: float [B, T] or None.
         group_ids: int [B] (``aggregation="balanced"``).
-        backend: see :mod:`fusedrl.dispatch` (only ``"torch"`` implements it yet).
+        cu_seqlens: int32/int64 [S + 1] for the packed layout (see Layouts), or None.
+        backend: ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"`` (see :mod:`fusedrl.dispatch`);
+            None picks the first that accepts the call.
         Other keywords: as described above.
 
     Returns:
