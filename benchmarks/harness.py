@@ -169,6 +169,11 @@ def render_case(case_mod, rows: list[dict]) -> str:
             )
         for text in case_mod.targets(cfg, res) if hasattr(case_mod, "targets") else []:
             out.append(f"- {text}")
+    if hasattr(case_mod, "summary"):  # conclusions across the configs (e.g. a slope over N)
+        lines = case_mod.summary([(g[0]["config"], {r["impl"]: r["result"] for r in g}) for g in _by_config(rows)])
+        if lines:
+            out.append("\n**Across the configurations**\n")
+            out.extend(f"- {text}" for text in lines)
     return "\n".join(out)
 
 

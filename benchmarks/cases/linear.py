@@ -141,3 +141,22 @@ class memory:  # noqa: N801  (a second case in this file: the memory slope over 
         return [{"N": n, "H": 512, "V": 151936, "dtype": "fp32"} for n in (2048, 4096, 8192)]
 
     IMPLS = {"fusedrl": make_fusedrl, "eager": make_eager, "liger": _make_liger(False)}
+
+    @staticmethod
+    def summary(results) -> list[str]:
+        """The slope of peak extra memory over N per implementation (least squares over the
+        measured N), in MB per 1,000 tokens, and each one's peak at the largest N."""
+        out = []
+        impls = dict.fromkeys(impl for _, res in results for impl in res)
+        for impl in impls:
+            pts = [(cfg["N"], res[impl]["peak_extra_bytes"] / 2**20) for cfg, res in results
+                   if "peak_extra_bytes" in res.get(impl, {})]
+            if len(pts) < 2:
+                out.append(f"{impl}: fewer than two measured N, no slope")
+                continue
+            mn = sum(n for n, _ in pts) / len(pts)
+            mm = sum(m for _, m in pts) / len(pts)
+            slope = sum((n - mn) * (m - mm) for n, m in pts) / sum((n - mn) ** 2 for n, _ in pts)
+            peaks = ", ".join(f"N={n}: {m:,.0f} MB" for n, m in pts)
+            out.append(f"{impl}: {slope * 1000:,.1f} MB per 1,000 tokens ({peaks})")
+        return out
