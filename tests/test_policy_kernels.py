@@ -7,6 +7,7 @@ torch.compile), every ISA variant, and bad input. The Triton twin has tests/test
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -203,9 +204,15 @@ def test_upstream_gradient_scales():
 # the invariance law on the kernel
 
 
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.skipif(
+    not HAS_TRITON, reason="triton is not installed (the test extra installs it)"))])
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
-def test_microbatch_invariance(aggregation):
-    """With global counts, micro-batch losses and gradients add up to the full batch's."""
+def test_microbatch_invariance(aggregation, backend):
+    """With global counts, micro-batch losses and gradients add up to the full batch's, on the
+    CPU kernel and on the Triton kernel (interpreter, tests/conftest.py)."""
     from fusedrl.testing import check_microbatch_invariance  # noqa: PLC0415
 
     d = make_inputs(8, 7, torch.float64, seed=41, nan=False, empty_row=True)
@@ -215,7 +222,7 @@ def test_microbatch_invariance(aggregation):
     def loss_fn(b, **counts):
         extra = dict(num_groups=4, group_ids=b["group_ids"]) if aggregation == "balanced" else {}
         return fusedrl.policy_loss(b["logp"], b["old_logp"], b["advantages"], b["mask"], ref_logp=b["ref_logp"],
-                                   beta=0.1, kl_aggregation="token-mean", aggregation=aggregation, backend="cpu",
+                                   beta=0.1, kl_aggregation="token-mean", aggregation=aggregation, backend=backend,
                                    **extra, **counts)
 
     check_microbatch_invariance(loss_fn, batch, splits=[2, 4, 2], keep_groups=aggregation == "balanced",
