@@ -2,6 +2,10 @@
 #include "bindings/common.h"
 #include "cpu/segments.h"
 
+#include <pybind11/stl.h>
+
+#include <vector>
+
 namespace fusedrl {
 namespace bind {
 namespace {
@@ -47,6 +51,39 @@ void segments(py::module_& m) {
                                   count, mean, var, std, loo, max, second, argmax, wmean);
         a.num_threads = num_threads;
         check(fusedrl::cpu::segment_stats(a), "segment_stats_cpu");
+      },
+      py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "group_advantages_cpu",
+      [](uintptr_t values, int dtype, int64_t M, int64_t K, int64_t row_stride, int64_t col_stride, uintptr_t ids,
+         bool ids_int32, int64_t ids_stride, int64_t group_size, uintptr_t weight, int estimator, int scale,
+         int singleton, int combine, int finish, double eps, double var_coef, std::vector<double> weights,
+         std::vector<double> ideal, uintptr_t out, int64_t num_threads) {
+        GroupAdvantageArgs a;
+        a.values = ptr<const void>(values);
+        a.dtype = dtype;
+        a.M = M;
+        a.K = K;
+        a.row_stride = row_stride;
+        a.col_stride = col_stride;
+        a.ids = ptr<const void>(ids);
+        a.ids_int32 = ids_int32;
+        a.ids_stride = ids_stride;
+        a.group_size = group_size;
+        a.weight = ptr<const void>(weight);
+        a.estimator = estimator;
+        a.scale = scale;
+        a.singleton = singleton;
+        a.combine = combine;
+        a.finish = finish;
+        a.eps = eps;
+        a.var_coef = var_coef;
+        a.weights = weights.empty() ? nullptr : weights.data();
+        a.ideal = ideal.empty() ? nullptr : ideal.data();
+        a.out = ptr<void>(out);
+        a.num_threads = num_threads;
+        return fusedrl::cpu::group_advantages(a);
       },
       py::call_guard<py::gil_scoped_release>());
 

@@ -37,8 +37,36 @@ struct SegmentArgs {
   const int64_t* order = nullptr;
 };
 
+// Group advantages of rewards [M, K] in one call (fusedrl/segments.h: GroupEstimator,
+// GroupScale, GroupCombine, GroupFinish): the group layout is either raw ids [M] (int32 or int64,
+// any values in any order; densified here by a direct table when their range is small, else by
+// hashing, both numbering groups by first appearance) or contiguous runs of group_size rows.
+// out [M] is in the accumulation type (fp32, fp64 for fp64 rewards). weight [M] (accumulation type)
+// is OPO's per-row length (kOpo only).
+struct GroupAdvantageArgs {
+  const void* values = nullptr;
+  int dtype = 0;
+  int64_t M = 0, K = 0, row_stride = 0, col_stride = 0;
+  const void* ids = nullptr;
+  bool ids_int32 = false;
+  int64_t ids_stride = 1;
+  int64_t group_size = 0;  // used when ids is null
+  const void* weight = nullptr;
+  int estimator = 0, scale = 0, singleton = 0, combine = 0, finish = 0;
+  double eps = 1e-6, var_coef = 1.0;
+  const double* weights = nullptr;  // [K]
+  const double* ideal = nullptr;    // [K] (chebyshev)
+  void* out = nullptr;
+  int64_t num_threads = 1;
+};
+
+// Status codes of cpu::group_advantages.
+enum GroupAdvantageStatus : int { kGroupOk = 0, kGroupBadDtype = 1, kGroupTooSmall = 2 };
+
 namespace cpu {
 bool segment_stats(const SegmentArgs& a);
+// Returns a GroupAdvantageStatus; kGroupTooSmall: grpo_passk met a group of fewer than 2 rows.
+int group_advantages(const GroupAdvantageArgs& a);
 }  // namespace cpu
 
 #if defined(FUSEDRL_WITH_CUDA)

@@ -355,16 +355,20 @@ def group_advantages(
         raise ValueError(f"baseline is only used by estimator='remax', got estimator={est!r}")
 
     needs_groups = est not in ("remax", "reinforce++")
+    params = GroupAdvantageParams(
+        estimator=est, scale=scale, eps=eps, combine=combine, weights=weights_t, ideal=ideal_t,
+        var_coef=var_coef, gamma=gamma, singleton=singleton,
+    )
+    if needs_groups:
+        name = dispatch.select("group_advantages", SEGMENT_BACKENDS, rewards.device, rewards.dtype, backend)
+        if name == "cpu" and _fused_declines(params, mask) is None:
+            return _fused_group_advantages(rewards, group_ids, group_size, mask, params)
     index, num_groups = _groups(N, group_ids, group_size, rewards, required=needs_groups)
     if est == "grpo_passk" and N:
         counts = torch.bincount(index, minlength=num_groups)
         if int(counts.min()) < 2:
             raise ValueError("estimator='grpo_passk' needs at least 2 rows in every group (verl raises too)")
 
-    params = GroupAdvantageParams(
-        estimator=est, scale=scale, eps=eps, combine=combine, weights=weights_t, ideal=ideal_t,
-        var_coef=var_coef, gamma=gamma, singleton=singleton,
-    )
     stats = _segment_stats("group_advantages", rewards, backend, index, group_size)
     dtype = ref.accumulation_dtype(rewards.dtype)
 
@@ -379,6 +383,59 @@ def group_advantages(
             var_coef=params.var_coef, mask=mask, baseline=baseline, gamma=params.gamma, singleton=params.singleton,
             stats=stats,
         )
+
+
+def _fused_declines(params: GroupAdvantageParams, mask) -> str | None:
+    """Why the one-call CPU kernel (``fusedrl::group_advantages``) does not run this configuration
+    (then the segment-statistics kernel and the reference's composition do), or None."""
+    from fusedrl.ops import segments as seg_ops  # noqa: PLC0415
+
+    if params.estimator not in seg_ops.ESTIMATOR_CODES:
+        return f"estimator={params.estimator!r} has no groups"
+    if mask is not None and (params.estimator == "reinforce++-baseline" or params.combine == "normalize_then_sum"):
+        return "whitening over the valid tokens of a mask"
+    return None
+
+
+def _fused_group_advantages(rewards, group_ids, group_size, mask, params: GroupAdvantageParams) -> torch.Tensor:
+    """group_advantages in one kernel call: raw ids are densified by the kernel (no sort), the
+    statistics, estimator, combine and batch finish are fused; the result is broadcast over the
+    mask's tokens as the reference does."""
+    from fusedrl.ops import segments as seg_ops  # noqa: PLC0415
+
+    N = rewards.shape[0]
+    size = 0
+    if group_ids is not None and group_size is not None:
+        raise ValueError("pass either group_ids or group_size, not both")
+    if group_ids is not None:
+        check.tensor("group_ids", group_ids, check.INDEX_DTYPES)
+        if group_ids.dim() != 1 or group_ids.shape[0] != N:
+            raise ValueError(f"group_ids must have shape [N] with N = {N}, got {tuple(group_ids.shape)}")
+        check.same_device("group_ids", group_ids, "rewards", rewards)
+    elif group_size is not None:
+        size = check.integer("group_size", group_size)
+        if size < 1:
+            raise ValueError(f"group_size must be >= 1, got {size}")
+        if N % size:
+            raise ValueError(f"group_size must divide the number of rows N = {N}, got {size}")
+    else:
+        raise ValueError("pass group_ids (any integer ids, verl's layout) or group_size (TRL's contiguous layout)")
+    if params.estimator == "grpo_passk" and size == 1 and N:
+        raise ValueError("estimator='grpo_passk' needs at least 2 rows in every group (verl raises too)")
+    dtype = ref.accumulation_dtype(rewards.dtype)
+    valid = None if mask is None else mask != 0
+    lengths = valid.sum(-1).to(dtype) if params.estimator == "opo" else None
+    K = rewards.shape[1] if rewards.dim() == 2 else 1
+    weights = list(params.weights) if params.weights is not None else ([1.0] * K if params.combine else [])
+    finish = {"reinforce++-baseline": "whiten"}.get(params.estimator)
+    if params.combine == "normalize_then_sum":
+        finish = "batch_normalize"
+    with torch.no_grad():
+        adv = seg_ops.group_advantages_op(
+            rewards, group_ids, size, lengths, params.estimator, params.scale, params.eps, params.singleton,
+            params.combine, finish, weights, list(params.ideal or ()), params.var_coef,
+        )
+        return adv if valid is None else torch.where(valid, adv.unsqueeze(-1), 0.0)
 
 
 # ----------------------------------------------------------------------------------------------

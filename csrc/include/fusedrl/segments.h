@@ -79,19 +79,71 @@ FUSEDRL_HD double load_double(const double* p) { return *p; }
 FUSEDRL_HD double load_double(const bf16_t* p) { return to_float(*p); }
 FUSEDRL_HD double load_double(const f16_t* p) { return to_float(*p); }
 
+// The statistics of one group's column, before the singleton rule: the moments, the position k
+// of the first value equal to the max (-1 when the max is NaN: no value equals it) and the second
+// max (the max of the other values). Reader gives the n values in row order: x(k) and, when
+// has_weight, the OPO weight w(k). Three passes: the max; the first max, the second max, the
+// shifted and weighted sums; the squared deviations from the mean.
+struct ColumnStats {
+  SegmentMoments s;
+  int64_t first = -1;
+  double second = -HUGE_VAL;
+};
+
+template <typename Reader>
+FUSEDRL_HD ColumnStats column_stats(int64_t n, const Reader& in) {
+  ColumnStats c;
+  c.s.n = double(n);
+  double m = -HUGE_VAL;
+  for (int64_t k = 0; k < n; ++k) m = max_nan(m, in.x(k));
+  c.s.max = m;
+  for (int64_t k = 0; k < n; ++k) {
+    const double x = in.x(k);
+    if (c.first < 0 && x == m) {
+      c.first = k;
+    } else {
+      c.second = max_nan(c.second, x);
+    }
+    c.s.shifted += x - m;
+    if (in.has_weight) {
+      const double w = in.w(k);
+      c.s.wsum += w;
+      c.s.wx += w * (x - m);
+    }
+  }
+  const double mu = segment_mean(c.s);
+  for (int64_t k = 0; k < n; ++k) {
+    const double d = in.x(k) - mu;
+    c.s.sq += d * d;
+  }
+  return c;
+}
+
+// Reader of segment_group: the column col (row stride rs) of values T at rows[k] (CSR) or
+// base + k (contiguous), weights acc_t (may be null).
+template <typename T, typename acc_t>
+struct StridedRows {
+  const T* col;
+  int64_t rs;
+  const int64_t* rows;
+  int64_t base;
+  const acc_t* weight;
+  bool has_weight;
+  FUSEDRL_HD int64_t row(int64_t k) const { return rows ? rows[k] : base + k; }
+  FUSEDRL_HD double x(int64_t k) const { return load_double(col + row(k) * rs); }
+  FUSEDRL_HD double w(int64_t k) const { return double(weight[row(k)]); }
+};
+
 // Every statistic of group g, all columns (the whole per-group kernel, run by one CPU or GPU
 // thread). Args is fusedrl::SegmentArgs (csrc/cpu/segments.h): values of type T, outputs of
 // type acc_t; with a.order set, the rows of g are a.order[a.offsets[g] ..], else the contiguous
-// run of a.group_size rows. Per column: pass 1 the max; pass 2 the first max row, the second max
-// (the max of the other rows), the shifted and weighted sums; pass 3 the squared deviations;
-// pass 4 the leave-one-out means.
+// run of a.group_size rows. Per column: column_stats, then (pass 4) the leave-one-out means.
 template <typename T, typename acc_t, typename Args>
 FUSEDRL_HD void segment_group(const Args& a, int64_t g) {
   const T* v = static_cast<const T*>(a.values);
   const acc_t* w = static_cast<const acc_t*>(a.weight);
   acc_t* loo = static_cast<acc_t*>(a.loo);
   const int64_t C = a.C, rs = a.row_stride, cs = a.col_stride;
-  const double inf = HUGE_VAL;
   const int64_t* rows = nullptr;
   int64_t base, n;
   if (a.order) {
@@ -112,46 +164,98 @@ FUSEDRL_HD void segment_group(const Args& a, int64_t g) {
       a.argmax[o] = 0;
       continue;
     }
-    const T* col = v + c * cs;
-    SegmentMoments s;
-    s.n = double(n);
-    double m = -inf;
-    for (int64_t k = 0; k < n; ++k) m = max_nan(m, load_double(col + (rows ? rows[k] : base + k) * rs));
-    s.max = m;
-    int64_t am = -1;
-    double sec = -inf;
-    for (int64_t k = 0; k < n; ++k) {
-      const int64_t r = rows ? rows[k] : base + k;
-      const double x = load_double(col + r * rs);
-      if (am < 0 && x == m) {
-        am = r;
-      } else {
-        sec = max_nan(sec, x);
-      }
-      s.shifted += x - m;
-      if (w) {
-        s.wsum += double(w[r]);
-        s.wx += double(w[r]) * (x - m);
-      }
-    }
-    const double mu = segment_mean(s);
-    for (int64_t k = 0; k < n; ++k) {
-      const double d = load_double(col + (rows ? rows[k] : base + k) * rs) - mu;
-      s.sq += d * d;
-    }
-    const SegmentResult res = segment_result(s, w != nullptr, a.singleton);
+    const StridedRows<T, acc_t> in{v + c * cs, rs, rows, rows ? 0 : base, w, w != nullptr};
+    const ColumnStats st = column_stats(n, in);
+    const SegmentResult res = segment_result(st.s, w != nullptr, a.singleton);
     for (int64_t k = 0; loo && k < n; ++k) {  // loo null: not wanted
-      const int64_t r = rows ? rows[k] : base + k;
-      loo[r * C + c] = acc_t(segment_loo_value(s, load_double(col + r * rs), a.singleton));
+      loo[in.row(k) * C + c] = acc_t(segment_loo_value(st.s, in.x(k), a.singleton));
     }
     outs[0][o] = acc_t(res.mean);
     outs[1][o] = acc_t(res.var);
     outs[2][o] = acc_t(sqrt(res.var));
-    outs[3][o] = acc_t(m);
-    outs[4][o] = acc_t(sec);
+    outs[3][o] = acc_t(st.s.max);
+    outs[4][o] = acc_t(st.second);
     outs[5][o] = acc_t(res.wmean);
-    a.argmax[o] = am < 0 ? a.M : am;  // no row equals a NaN max (the reference's sentinel M)
+    a.argmax[o] = st.first < 0 ? a.M : in.row(st.first);  // no row equals a NaN max (the reference's sentinel M)
   }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Group advantages in one kernel (csrc/cpu/segments.cpp group_advantages): the estimators of
+// fusedrl.reference.advantages.outcome_advantages and the multi-objective combines of
+// combine_objectives / group_advantages, per row, from a group's ColumnStats.
+
+enum GroupEstimator : int { kGrpo = 0, kRloo = 1, kCentered = 2, kPassk = 3, kGpg = 4, kOpo = 5 };
+enum GroupScale : int { kScaleGroup = 0, kScaleBatch = 1, kScaleNone = 2 };
+// kCombineNone: K = 1 column as is; kNormalizeThenSum: the estimator per column, then the
+// weighted sum; the others scalarize each row first.
+enum GroupCombine : int {
+  kCombineNone = 0, kSumThenNormalize = 1, kNormalizeThenSum = 2, kChebyshev = 3, kMin = 4, kMeanMinusVar = 5
+};
+// After the estimator: nothing, verl's masked_whiten over the rows (reinforce++-baseline), or
+// TRL's batch normalization (normalize_then_sum).
+enum GroupFinish : int { kFinishNone = 0, kWhiten = 1, kBatchNormalize = 2 };
+
+FUSEDRL_HD double min_nan(double m, double x) { return (x < m || x != x) ? x : m; }
+
+// One row of K objectives r[k * cs] scalarized (w the weights, z the ideal point).
+template <typename T>
+FUSEDRL_HD double combine_row(int combine, const T* r, int64_t cs, int64_t K, const double* w, const double* z,
+                              double var_coef) {
+  if (combine == kSumThenNormalize) {
+    double s = 0;
+    for (int64_t k = 0; k < K; ++k) s += w[k] * load_double(r + k * cs);
+    return s;
+  }
+  if (combine == kChebyshev) {
+    double m = -HUGE_VAL;
+    for (int64_t k = 0; k < K; ++k) m = max_nan(m, w[k] * fabs(z[k] - load_double(r + k * cs)));
+    return -m;
+  }
+  if (combine == kMin) {
+    double m = HUGE_VAL;
+    for (int64_t k = 0; k < K; ++k) m = min_nan(m, w[k] * load_double(r + k * cs));
+    return m;
+  }
+  if (combine == kMeanMinusVar) {
+    double mean = 0, var = 0;
+    for (int64_t k = 0; k < K; ++k) mean += w[k] * load_double(r + k * cs);
+    mean /= double(K);
+    for (int64_t k = 0; k < K; ++k) {
+      const double d = w[k] * load_double(r + k * cs) - mean;
+      var += d * d;
+    }
+    return mean - var_coef * (var / double(K));
+  }
+  return load_double(r);  // kCombineNone
+}
+
+// The divisor of grpo / grpo_passk: std_g + eps, the batch std + eps (given), or 1.
+FUSEDRL_HD double group_denominator(int scale, const SegmentResult& res, double batch_denominator, double eps) {
+  if (scale == kScaleGroup) return sqrt(res.var) + eps;
+  if (scale == kScaleBatch) return batch_denominator;
+  return 1.0;
+}
+
+// The advantage of value x of a group (every estimator but grpo_passk, which only the group's
+// first max row receives: (max - second) / denominator). gpg_scale = M / max(#nonzero, 1).
+FUSEDRL_HD double row_advantage(int estimator, const SegmentMoments& s, const SegmentResult& res, double x,
+                                double denominator, double gpg_scale, int singleton) {
+  switch (estimator) {
+    case kGrpo: return (x - res.mean) / denominator;
+    case kRloo: return x - segment_loo_value(s, x, singleton);
+    case kGpg: return (x - res.mean) * gpg_scale;
+    case kOpo: return x - res.wmean;
+    default: return x - res.mean;  // kCentered
+  }
+}
+
+// The last step over all rows of y, from their moments (one group, singleton rule "zero": a single
+// row gives 0): whiten (y - mean) / sqrt(var + 1e-8), or batch-normalize (y - mean) / (std + eps).
+FUSEDRL_HD double finish_row(int finish, const SegmentResult& batch, double y, double eps) {
+  if (finish == kWhiten) return (y - batch.mean) / sqrt(batch.var + 1e-8);
+  if (finish == kBatchNormalize) return (y - batch.mean) / (sqrt(batch.var) + eps);
+  return y;
 }
 
 }  // namespace fusedrl

@@ -134,3 +134,45 @@ def group_stats(
         values, index, int(group_size), int(num_groups), weight, singleton, bool(need_loo), backend
     )
     return GroupStats(count, mean, var, std, loo, gmax, second, argmax, wmean)
+
+
+# ----------------------------------------------------------------------------------------------
+# group advantages in one call (CPU): densify, statistics, estimator, combine and finish fused
+# ----------------------------------------------------------------------------------------------
+
+# Codes of csrc/include/fusedrl/segments.h (GroupEstimator, GroupScale, GroupCombine, GroupFinish).
+ESTIMATOR_CODES = {"grpo": 0, "rloo": 1, "reinforce++-baseline": 2, "grpo_passk": 3, "gpg": 4, "opo": 5}
+SCALE_CODES = {"group": 0, "batch": 1, "none": 2}
+COMBINE_CODES = {None: 0, "sum_then_normalize": 1, "normalize_then_sum": 2, "chebyshev": 3, "min": 4, "mean_minus_var": 5}
+FINISH_CODES = {None: 0, "whiten": 1, "batch_normalize": 2}
+
+
+@torch.library.custom_op("fusedrl::group_advantages", mutates_args=())
+def group_advantages_op(
+    rewards: Tensor, group_ids: Tensor | None, group_size: int, weight: Tensor | None, estimator: str, scale: str,
+    eps: float, singleton: str, combine: str | None, finish: str | None, weights: list[float], ideal: list[float],
+    var_coef: float,
+) -> Tensor:
+    """Per-row advantages ``[M]`` of ``rewards [M]`` or ``[M, K]`` (CPU kernel
+    ``group_advantages_cpu``): see :func:`fusedrl.advantages.group_advantages`, whose inputs are
+    validated before this is called. ``finish``: None, ``"whiten"`` or ``"batch_normalize"``."""
+    values = rewards if rewards.dim() == 2 else rewards.unsqueeze(-1)
+    M, K = values.shape
+    out = _ext.empty(M, _out_dtype(values.dtype), values.device)
+    status = _ext.load().group_advantages_cpu(
+        values.data_ptr(), _ext.DTYPE_CODES[values.dtype], M, K, values.stride(0), values.stride(1),
+        _ext.ptr(group_ids), group_ids is not None and group_ids.dtype == torch.int32,
+        group_ids.stride(0) if group_ids is not None else 1, group_size, _ext.ptr(weight),
+        ESTIMATOR_CODES[estimator], SCALE_CODES[scale], SINGLETON_CODES[singleton], COMBINE_CODES[combine],
+        FINISH_CODES[finish], eps, var_coef, weights, ideal, out.data_ptr(), torch.get_num_threads(),
+    )
+    if status == 2:
+        raise ValueError("estimator='grpo_passk' needs at least 2 rows in every group (verl raises too)")
+    if status != 0:
+        raise TypeError(f"rewards: unsupported dtype {values.dtype}")
+    return out
+
+
+@group_advantages_op.register_fake
+def _(rewards, group_ids, group_size, weight, estimator, scale, eps, singleton, combine, finish, weights, ideal, var_coef):
+    return rewards.new_empty(rewards.shape[0], dtype=_out_dtype(rewards.dtype))

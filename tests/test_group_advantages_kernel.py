@@ -1,0 +1,196 @@
+"""The one-call CPU kernel of group_advantages (fusedrl::group_advantages: densify, statistics,
+estimator, combine and batch finish fused) against the float64 gold (the reference composition on
+float64 rewards), over hypothesis layouts (shuffled raw ids in a small range and in a wide one, so
+both the direct table and the hash densify run; int32 and strided ids; singletons, one giant group,
+fixed-size groups, zero-variance groups), every estimator it serves, every scale, both singleton
+rules, every combine, and the dtypes; determinism (repeats, 1 vs 2 threads); which configurations
+it declines; the custom op."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fusedrl
+from fusedrl import advantages as adv_mod
+from fusedrl.ops import segments as seg
+
+HYP = settings(max_examples=40, deadline=None)
+GROUP_ESTIMATORS = list(seg.ESTIMATOR_CODES)  # grpo, rloo, reinforce++-baseline, grpo_passk, gpg, opo
+COMBINES = ["sum_then_normalize", "normalize_then_sum", "chebyshev", "min", "mean_minus_var"]
+
+
+def close(got, gold, dtype, rewards):
+    """fp32 / bf16 inputs: 1e-5 relative to the fp64 gold on the same rounded inputs (absolute
+    floor scaled by the advantages' size); fp64: 1e-10."""
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    scale = max(1.0, float(gold.abs().max())) if gold.numel() else 1.0
+    torch.testing.assert_close(got.double(), gold, rtol=tol, atol=tol * scale)
+
+
+@st.composite
+def layouts(draw, max_rows=48):
+    """(ids or None, group_size or None, N): raw ids in any order, possibly far apart."""
+    kind = draw(st.sampled_from(["random", "wide", "giant", "singletons", "fixed", "pairs"]))
+    n = draw(st.integers(1, max_rows))
+    if kind == "fixed":
+        size = draw(st.sampled_from([d for d in range(1, n + 1) if n % d == 0]))
+        return None, size, n
+    if kind == "giant":
+        ids = [draw(st.integers(-(2**40), 2**40))] * n
+    elif kind == "singletons":
+        ids = draw(st.permutations(list(range(n))))
+    elif kind == "pairs":  # every group of >= 2 rows (grpo_passk)
+        n = max(2, n - n % 2)
+        ids = draw(st.permutations([r // 2 for r in range(n)]))
+    else:
+        G = draw(st.integers(1, n))
+        labels = draw(st.lists(st.integers(0, G - 1), min_size=n, max_size=n))
+        if kind == "wide":  # ids spread over int64: the hash densify
+            spread = draw(st.lists(st.integers(-(2**62), 2**62), min_size=G, max_size=G, unique=True))
+            labels = [spread[i] for i in labels]
+        else:
+            labels = [7 * i - 3 for i in labels]
+        ids = labels
+    return torch.tensor(ids, dtype=torch.int64), None, n
+
+
+@st.composite
+def rewards(draw, n, K):
+    kind = draw(st.sampled_from(["floats", "binary", "constant"]))
+    if kind == "binary":
+        vals = draw(st.lists(st.sampled_from([0.0, 1.0]), min_size=n * K, max_size=n * K))
+    elif kind == "constant":  # zero-variance groups everywhere
+        vals = [draw(st.floats(-100, 100, allow_nan=False, width=32))] * (n * K)
+    else:
+        vals = draw(st.lists(st.floats(-50, 50, allow_nan=False, width=32), min_size=n * K, max_size=n * K))
+    return torch.tensor(vals, dtype=torch.float64).reshape(n, K)
+
+
+def _run(R, ids, size, dtype, ids_form, **kw):
+    layout = dict(group_size=size) if ids is None else dict(group_ids=ids)
+    if ids is not None and ids_form == "int32" and bool((ids.abs() < 2**31).all()):
+        layout = dict(group_ids=ids.to(torch.int32))
+    elif ids is not None and ids_form == "strided":
+        layout = dict(group_ids=torch.stack([ids, ids], 1)[:, 1])
+    x = R.to(dtype)
+    gold_kw = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kw.items()}
+    got = fusedrl.group_advantages(x, **layout, backend="cpu", **kw)
+    gold = fusedrl.group_advantages(x.double(), **layout, backend="torch", **gold_kw)
+    return got, gold, x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@HYP
+@given(data=st.data(), estimator=st.sampled_from(GROUP_ESTIMATORS), scale=st.sampled_from(["group", "batch", "none"]),
+       singleton=st.sampled_from(["verl", "zero"]), ids_form=st.sampled_from(["int64", "int32", "strided"]),
+       masked=st.booleans())
+def test_one_objective_matches_gold(dtype, data, estimator, scale, singleton, ids_form, masked):
+    ids, size, n = data.draw(layouts())
+    if estimator == "grpo_passk":  # every group needs >= 2 rows: shuffled groups of 2 to 4
+        sizes = data.draw(st.lists(st.integers(2, 4), min_size=1, max_size=12))
+        labels = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        ids, size, n = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(len(sizes)))] * 3, None, len(labels)
+    if estimator not in ("grpo", "grpo_passk"):
+        scale = data.draw(st.sampled_from(["group", "none"]))
+    R = data.draw(rewards(n, 1))[:, 0]
+    kw = dict(estimator=estimator, scale=scale, singleton=singleton)
+    if masked or estimator == "opo":
+        g = torch.Generator().manual_seed(n)
+        kw["mask"] = torch.rand(n, 3, generator=g) > 0.4
+        if estimator == "reinforce++-baseline":
+            del kw["mask"]  # with a mask it whitens over tokens: the composition (tested below)
+    got, gold, x = _run(R, ids, size, dtype, ids_form, **kw)
+    close(got, gold, dtype, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@HYP
+@given(data=st.data(), combine=st.sampled_from(COMBINES), K=st.integers(1, 4), scale=st.sampled_from(["group", "batch", "none"]),
+       singleton=st.sampled_from(["verl", "zero"]), estimator=st.sampled_from(["grpo", "rloo", "gpg"]))
+def test_combines_match_gold(dtype, data, combine, K, scale, singleton, estimator):
+    ids, size, n = data.draw(layouts())
+    if combine == "normalize_then_sum":
+        estimator = "grpo"
+    if estimator != "grpo":
+        scale = "group"
+    R = data.draw(rewards(n, K))
+    weights = data.draw(st.lists(st.floats(-3, 3, allow_nan=False, width=32), min_size=K, max_size=K))
+    kw = dict(estimator=estimator, scale=scale, singleton=singleton, combine=combine, weights=weights)
+    if combine == "chebyshev":
+        kw["ideal"] = data.draw(st.lists(st.floats(-5, 5, allow_nan=False, width=32), min_size=K, max_size=K))
+    got, gold, x = _run(R, ids, size, dtype, "int64", **kw)
+    close(got, gold, dtype, x)
+
+
+def test_zero_variance_groups_and_hand_values():
+    R = torch.tensor([0.3, 0.3, 0.3, 1.0, 0.0, 1.0, 5.0])
+    ids = torch.tensor([10**15, 10**15, 10**15, -4, -4, -4, 2**62])  # wide: hashed
+    out = fusedrl.group_advantages(R, ids, backend="cpu")
+    assert torch.equal(out[:3], torch.zeros(3))  # exact zeros, not a residue divided by eps
+    # group {1, 0, 1}: mean 2/3, std sqrt(1/3); singleton (verl): 5 / (1 + 1e-6)
+    s = (1 / 3) ** 0.5
+    expect = torch.tensor([0, 0, 0, (1 / 3) / (s + 1e-6), (-2 / 3) / (s + 1e-6), (1 / 3) / (s + 1e-6), 5 / (1 + 1e-6)])
+    torch.testing.assert_close(out, expect.float(), rtol=1e-6, atol=1e-6)
+    rloo = fusedrl.group_advantages(R, ids, estimator="rloo", backend="cpu")
+    torch.testing.assert_close(rloo[3:6], torch.tensor([0.5, -1.0, 0.5]))
+
+
+def test_deterministic_repeats_and_threads():
+    g = torch.Generator().manual_seed(0)
+    N = 70000  # big enough for the kernel to use 2 threads
+    R = torch.randn(N, 4, generator=g)
+    ids = torch.randperm(N, generator=g) % 1999 * 1_000_003  # a wide range: hashed
+    runs = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 2):
+            torch.set_num_threads(threads)
+            for kw in (dict(), dict(combine="normalize_then_sum"), dict(combine="sum_then_normalize", estimator="rloo")):
+                x = R if kw else R[:, 0]
+                runs.append((threads, fusedrl.group_advantages(x, ids, backend="cpu", **kw)))
+    finally:
+        torch.set_num_threads(before)
+    first = [r for t, r in runs if t == 1]
+    for t in (2, 2):
+        others = [r for tt, r in runs if tt == t]
+        for a, b in zip(first, others):
+            assert torch.equal(a, b)
+
+
+def test_declines_and_errors():
+    P = adv_mod.GroupAdvantageParams
+    mask = torch.ones(4, 2, dtype=torch.bool)
+    assert adv_mod._fused_declines(P(estimator="grpo"), mask) is None
+    assert adv_mod._fused_declines(P(estimator="reinforce++-baseline"), None) is None
+    assert "whitening" in adv_mod._fused_declines(P(estimator="reinforce++-baseline"), mask)
+    assert "whitening" in adv_mod._fused_declines(P(combine="normalize_then_sum"), mask)
+    assert "no groups" in adv_mod._fused_declines(P(estimator="remax"), None)
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        fusedrl.group_advantages(torch.rand(5), torch.tensor([1, 1, 2, 2, 3]), estimator="grpo_passk", backend="cpu")
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        fusedrl.group_advantages(torch.rand(5), group_size=1, estimator="grpo_passk", backend="cpu")
+    with pytest.raises(TypeError, match="group_ids"):
+        fusedrl.group_advantages(torch.rand(4), torch.rand(4), backend="cpu")
+    with pytest.raises(ValueError, match="group_ids must have shape"):
+        fusedrl.group_advantages(torch.rand(4), torch.zeros(3, dtype=torch.int64), backend="cpu")
+    with pytest.raises(ValueError, match="either group_ids or group_size"):
+        fusedrl.group_advantages(torch.rand(4), torch.zeros(4, dtype=torch.int64), group_size=2, backend="cpu")
+    with pytest.raises(ValueError, match="must divide"):
+        fusedrl.group_advantages(torch.rand(5), group_size=2, backend="cpu")
+    empty = fusedrl.group_advantages(torch.rand(0), torch.zeros(0, dtype=torch.int64), backend="cpu")
+    assert empty.shape == (0,)
+
+
+def test_custom_op():
+    R = torch.randn(12, 3)
+    ids = torch.tensor([5, 1, 2, 5, 1, 2, 5, 1, 2, 9, 9, 9])
+    for args in (
+        (R[:, 0].contiguous(), ids, 0, None, "grpo", "group", 1e-6, "verl", None, None, [], [], 1.0),
+        (R, None, 3, None, "grpo", "batch", 1e-4, "zero", "normalize_then_sum", "batch_normalize", [1.0, 2.0, 0.5], [], 1.0),
+        (R[:, 0].contiguous(), ids, 0, torch.rand(12), "opo", "group", 1e-6, "verl", None, None, [], [], 1.0),
+    ):
+        torch.library.opcheck(seg.group_advantages_op, args, test_utils=("test_schema", "test_faketensor"))
