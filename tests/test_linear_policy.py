@@ -167,3 +167,28 @@ def test_single_pass_bf16_close_to_float64():
         out.append((loss.double(), *(g.double() for g in grads(loss, h, w))))
     for a, e in zip(*out):
         assert (a - e).abs().max() <= 2e-2 * max(e.abs().max().item(), 1e-3)
+
+
+def test_single_pass_hands_gradients_over_once():
+    """The stored gradients go to autograd without a copy (unit upstream gradient) or scaled in
+    place: a second backward through the same graph raises instead of reusing them."""
+    hidden, weight, bias, labels, mask, adv, _, _ = batch(seed=11)
+    module = fusedrl.LinearPolicyLoss(chunk_size=5)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss, _ = module(h, w, labels, None, adv, mask)
+    loss.backward(retain_graph=True)
+    g1 = w.grad.clone()
+    with pytest.raises(RuntimeError, match="one backward"):
+        loss.backward()
+    w.grad = None
+    loss2, _ = module(h, w, labels, None, adv, mask)
+    loss2.backward()
+    torch.testing.assert_close(w.grad, g1, rtol=0, atol=0)
+
+
+def test_single_pass_empty_batch():
+    hidden, weight, bias, labels, mask, adv, _, _ = batch(seed=12)
+    h, w = hidden[:0].clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss, _ = fusedrl.LinearPolicyLoss()(h, w, labels[:0], None, adv[:0], mask[:0])
+    loss.backward()
+    assert torch.equal(w.grad, torch.zeros_like(w))

@@ -231,25 +231,24 @@ def _aggregation_weights(mask, mode, norms, dtype):
 class _SinglePassPolicy(torch.autograd.Function):
     """Forward: per chunk, logits (GEMM) -> log-probs (kernel) -> d loss / d logp of the chunk's
     tokens (the reference on a one-row pseudo-batch weighted by the aggregation) -> d logits
-    (kernel, in place) -> d hidden, d weight, d bias (GEMMs). Returns the loss; backward scales the
-    stored gradients by the upstream gradient."""
+    (kernel, in place) -> d hidden, d weight, d bias (GEMMs). Returns the loss; backward hands the
+    stored gradients to autograd without a copy (scaled in place when the upstream gradient is not
+    1), so the graph supports one backward, as ``policy_loss``'s eager graph."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, loss_value, pieces):
-        ctx.save_for_backward(*pieces)
-        ctx.has = tuple(p.numel() > 0 for p in pieces)
+        ctx.grads = pieces
         return loss_value.clone()
 
     @staticmethod
     def backward(ctx, grad_out):
-        d_hidden, d_weight, d_bias = ctx.saved_tensors
-        return (
-            (d_hidden * grad_out).to(d_hidden.dtype) if ctx.has[0] else None,
-            (d_weight * grad_out).to(d_weight.dtype) if ctx.has[1] else None,
-            (d_bias * grad_out).to(d_bias.dtype) if ctx.has[2] else None,
-            None,
-            None,
-        )
+        if ctx.grads is None:
+            raise RuntimeError("fusedrl.LinearPolicyLoss: its graph supports one backward pass (the gradients are "
+                               "handed over without a copy); call it again for another backward")
+        grads, ctx.grads = ctx.grads, None
+        scale_one = grad_out.device.type == "cpu" and float(grad_out) == 1.0
+        out = [None if g.numel() == 0 else (g if scale_one else g.mul_(grad_out.to(g.dtype))) for g in grads]
+        return out[0], out[1], out[2], None, None
 
 
 def single_pass_policy_loss(hidden, weight, labels, old_logp, advantages, mask, *, bias, temperature, ignore_index,
@@ -299,7 +298,7 @@ def single_pass_policy_loss(hidden, weight, labels, old_logp, advantages, mask, 
     row_max, log_norm = torch.empty(N, dtype=out), torch.empty(N, dtype=out)
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
     d_hidden = torch.empty_like(flat_h)
-    d_weight = torch.zeros(weight.shape, dtype=acc)
+    d_weight = torch.empty(weight.shape, dtype=acc)  # the first chunk writes it, the others add
     d_bias = torch.zeros(V, dtype=acc) if bias is not None else None
     forward_kernel, backward_kernel = op.LAUNCHERS[backend]
     chunk = chunk_size or default_chunk_size(N, V, hidden.dtype)
@@ -332,9 +331,14 @@ def single_pass_policy_loss(hidden, weight, labels, old_logp, advantages, mask, 
                             entropy[s:e] if want_entropy else None, g_lp.to(out).contiguous(), None if g_h is None else g_h.to(out).contiguous(),
                             logits)
             torch.mm(logits, weight, out=d_hidden[s:e])
-            d_weight.addmm_(logits.t().to(acc), flat_h[s:e].to(acc))
+            if s == 0:
+                torch.mm(logits.t().to(acc), flat_h[s:e].to(acc), out=d_weight)
+            else:
+                d_weight.addmm_(logits.t().to(acc), flat_h[s:e].to(acc))
             if d_bias is not None:
                 d_bias += logits.sum(0, dtype=acc)
+        if N == 0:
+            d_weight.zero_()
         # The value and the metrics: the public function on the full log-probs (cheap: [B, T]).
         loss, metrics = policy_loss(
             logp.view(B, T), old_logp, advantages, mask, entropy=entropy.view(B, T) if want_entropy else None,
