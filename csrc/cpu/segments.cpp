@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #include <omp.h>
 
@@ -163,7 +164,7 @@ struct DoubleRun {
 };
 
 SegmentResult batch_result(const double* v, int64_t M, int singleton) {
-  return segment_result(column_stats(M, DoubleRun{v, nullptr, false}).s, false, singleton);
+  return segment_result(column_moments(M, DoubleRun{v, nullptr, false}), false, singleton);
 }
 
 template <typename T, typename acc_t>
@@ -225,7 +226,10 @@ int group_advantages_impl(const GroupAdvantageArgs& a) {
   }
   // 4. per group: the statistics of each column and every row's advantage (summed over the
   //    columns with their weights for normalize_then_sum), in group order
-  Y.assign(M, 0.0);
+  // One column and no batch finish: each row's advantage goes straight to out (no Y, no last pass).
+  acc_t* out = static_cast<acc_t*>(a.out);
+  const bool direct = C == 1 && a.finish == kFinishNone && a.estimator != kPassk;
+  if (!direct) Y.assign(M, 0.0);
   auto groups = [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       int64_t base, n;
@@ -233,17 +237,41 @@ int group_advantages_impl(const GroupAdvantageArgs& a) {
       if (n == 0) continue;
       for (int64_t c = 0; c < C; ++c) {
         const double* x = X.data() + c * M + base;
-        const ColumnStats st = column_stats(n, DoubleRun{x, W.empty() ? nullptr : W.data() + base, !W.empty()});
-        const SegmentResult res = segment_result(st.s, !W.empty(), a.singleton);
-        const double den = group_denominator(a.scale, res, batch_den[c], a.eps);
+        const DoubleRun in{x, W.empty() ? nullptr : W.data() + base, !W.empty()};
         const double wc = a.combine == kNormalizeThenSum ? a.weights[c] : 1.0;
-        double* y = Y.data() + base;
+        double* y = direct ? nullptr : Y.data() + base;
         if (a.estimator == kPassk) {
+          const ColumnStats st = column_stats(n, in);
+          const SegmentResult res = segment_result(st.s, false, a.singleton);
+          const double den = group_denominator(a.scale, res, batch_den[c], a.eps);
           if (st.first >= 0) y[st.first] += wc * ((st.s.max - st.second) / den);
           continue;
         }
-        for (int64_t k = 0; k < n; ++k) {
-          y[k] += wc * row_advantage(a.estimator, st.s, res, x[k], den, gpg_scale[c], a.singleton);
+        const SegmentMoments sm = column_moments(n, in);
+        const SegmentResult res = segment_result(sm, !W.empty(), a.singleton);
+        const double den = group_denominator(a.scale, res, batch_den[c], a.eps);
+        // the estimator as a constant in each loop (no switch per row)
+        auto rows = [&](auto est) {
+          if (direct && !ord) {
+            for (int64_t k = 0; k < n; ++k) {
+              out[base + k] = acc_t(row_advantage(decltype(est)::value, sm, res, x[k], den, gpg_scale[c], a.singleton));
+            }
+          } else if (direct) {
+            for (int64_t k = 0; k < n; ++k) {
+              out[ord[base + k]] = acc_t(row_advantage(decltype(est)::value, sm, res, x[k], den, gpg_scale[c], a.singleton));
+            }
+          } else {
+            for (int64_t k = 0; k < n; ++k) {
+              y[k] += wc * row_advantage(decltype(est)::value, sm, res, x[k], den, gpg_scale[c], a.singleton);
+            }
+          }
+        };
+        switch (a.estimator) {
+          case kGrpo: rows(std::integral_constant<int, kGrpo>()); break;
+          case kRloo: rows(std::integral_constant<int, kRloo>()); break;
+          case kGpg: rows(std::integral_constant<int, kGpg>()); break;
+          case kOpo: rows(std::integral_constant<int, kOpo>()); break;
+          default: rows(std::integral_constant<int, kCentered>()); break;
         }
       }
     }
@@ -260,10 +288,11 @@ int group_advantages_impl(const GroupAdvantageArgs& a) {
     }
   }
   // 5. the batch finish, and the rows back to row order
-  SegmentResult batch{0, 0, 0};
-  if (a.finish != kFinishNone) batch = batch_result(Y.data(), M, kSingletonZero);
-  acc_t* out = static_cast<acc_t*>(a.out);
-  for (int64_t p = 0; p < M; ++p) out[ord ? ord[p] : p] = acc_t(finish_row(a.finish, batch, Y[p], a.eps));
+  if (!direct) {
+    SegmentResult batch{0, 0, 0};
+    if (a.finish != kFinishNone) batch = batch_result(Y.data(), M, kSingletonZero);
+    for (int64_t p = 0; p < M; ++p) out[ord ? ord[p] : p] = acc_t(finish_row(a.finish, batch, Y[p], a.eps));
+  }
   release_if_big(sc);
   return kGroupOk;
 }

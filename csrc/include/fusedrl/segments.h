@@ -79,11 +79,54 @@ FUSEDRL_HD double load_double(const double* p) { return *p; }
 FUSEDRL_HD double load_double(const bf16_t* p) { return to_float(*p); }
 FUSEDRL_HD double load_double(const f16_t* p) { return to_float(*p); }
 
-// The statistics of one group's column, before the singleton rule: the moments, the position k
-// of the first value equal to the max (-1 when the max is NaN: no value equals it) and the second
-// max (the max of the other values). Reader gives the n values in row order: x(k) and, when
-// has_weight, the OPO weight w(k). Three passes: the max; the first max, the second max, the
-// shifted and weighted sums; the squared deviations from the mean.
+// sum over k < n of f(k) in four partial sums (k mod 4; the tail into the first), added as
+// (s0 + s1) + (s2 + s3): a fixed order, so the result does not depend on the thread count, and four
+// add chains instead of one long one.
+template <typename F>
+FUSEDRL_HD double sum4(int64_t n, const F& f) {
+  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4) {
+    s0 += f(k);
+    s1 += f(k + 1);
+    s2 += f(k + 2);
+    s3 += f(k + 3);
+  }
+  for (; k < n; ++k) s0 += f(k);
+  return (s0 + s1) + (s2 + s3);
+}
+
+// The moments of one group's column, before the singleton rule. Reader gives the n values in row
+// order: x(k) and, when has_weight, the OPO weight w(k). Branch-free passes: the max (NaN if any
+// value is NaN); the shifted (and weighted) sums; the squared deviations from the mean.
+template <typename Reader>
+FUSEDRL_HD SegmentMoments column_moments(int64_t n, const Reader& in) {
+  SegmentMoments s;
+  s.n = double(n);
+  double m = -HUGE_VAL;
+  bool nan = false;
+  for (int64_t k = 0; k < n; ++k) {
+    const double x = in.x(k);
+    m = x > m ? x : m;
+    nan |= x != x;
+  }
+  m = nan ? NAN : m;
+  s.max = m;
+  s.shifted = sum4(n, [&](int64_t k) { return in.x(k) - m; });
+  if (in.has_weight) {
+    s.wsum = sum4(n, [&](int64_t k) { return in.w(k); });
+    s.wx = sum4(n, [&](int64_t k) { return in.w(k) * (in.x(k) - m); });
+  }
+  const double mu = segment_mean(s);
+  s.sq = sum4(n, [&](int64_t k) {
+    const double d = in.x(k) - mu;
+    return d * d;
+  });
+  return s;
+}
+
+// column_moments plus the position k of the first value equal to the max (-1 when the max is NaN:
+// no value equals it) and the second max (the max of the other values; -inf for one value).
 struct ColumnStats {
   SegmentMoments s;
   int64_t first = -1;
@@ -93,10 +136,8 @@ struct ColumnStats {
 template <typename Reader>
 FUSEDRL_HD ColumnStats column_stats(int64_t n, const Reader& in) {
   ColumnStats c;
-  c.s.n = double(n);
-  double m = -HUGE_VAL;
-  for (int64_t k = 0; k < n; ++k) m = max_nan(m, in.x(k));
-  c.s.max = m;
+  c.s = column_moments(n, in);
+  const double m = c.s.max;
   for (int64_t k = 0; k < n; ++k) {
     const double x = in.x(k);
     if (c.first < 0 && x == m) {
@@ -104,17 +145,6 @@ FUSEDRL_HD ColumnStats column_stats(int64_t n, const Reader& in) {
     } else {
       c.second = max_nan(c.second, x);
     }
-    c.s.shifted += x - m;
-    if (in.has_weight) {
-      const double w = in.w(k);
-      c.s.wsum += w;
-      c.s.wx += w * (x - m);
-    }
-  }
-  const double mu = segment_mean(c.s);
-  for (int64_t k = 0; k < n; ++k) {
-    const double d = in.x(k) - mu;
-    c.s.sq += d * d;
   }
   return c;
 }
