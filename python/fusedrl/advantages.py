@@ -3,8 +3,9 @@ multi-objective rewards, phase- and segment-level advantages, GAE and discounted
 
 Each public function validates its arguments (TypeError / ValueError naming the argument), freezes
 its options into a params dataclass, normalizes the group layout to dense indices, picks a backend
-(the group estimators take their group statistics from the segment-statistics kernels ``cpu``,
-``cuda``, ``triton`` of :mod:`fusedrl.ops.segments`; :func:`gae` and :func:`discounted_returns` run the
+(the group estimators run as one CPU kernel call, ``fusedrl::group_advantages``, or take their
+group statistics from the segment-statistics kernels ``cpu``, ``cuda``, ``triton`` of
+:mod:`fusedrl.ops.segments`; :func:`gae` and :func:`discounted_returns` run the
 scan kernels of :mod:`fusedrl.ops.scan`; ``torch`` is the reference in
 :mod:`fusedrl.reference.advantages`) and runs it under ``torch.no_grad()``: advantages and returns are constants for the policy loss, as
 in verl and TRL, so the outputs never require grad.
@@ -293,9 +294,13 @@ def group_advantages(
             Required by ``"opo"``.
         baseline: ``[N]`` floating point, the ReMax baseline rewards (``"remax"`` only).
         gamma: discount in [0, 1] of ``"reinforce++"`` (masked tokens are skipped, not discounted).
-        backend: see :mod:`fusedrl.dispatch`: the group statistics run in the segment-statistics
-            kernels (``"cpu"``, ``"cuda"``, ``"triton"``) or the reference (``"torch"``); the
-            estimators compose them with elementwise torch ops in every case.
+        backend: see :mod:`fusedrl.dispatch`. ``"cpu"``: one kernel call (``fusedrl::group_advantages``:
+            the ids densified by a direct table or a hash, no sort; each group's statistics, every
+            row's advantage, the combine and the batch whitening / normalization fused) for every
+            group estimator (not remax, reinforce++) except, with ``mask``, reinforce++-baseline
+            and normalize_then_sum, which whiten over tokens and are composed as on the other
+            backends: the group statistics from the segment-statistics kernels (``"cuda"``,
+            ``"triton"``, ``"cpu"``) or the reference (``"torch"``), with elementwise torch ops.
 
     Returns:
         advantages ``[N]``, or ``[N, T]`` when ``mask`` is given; float32 (float64 for float64

@@ -9,6 +9,9 @@ built). The kernels reduce each group sequentially in row order (csrc/include/fu
 so the results are the same under any thread count. ``backend`` names the kernel (``cpu``,
 ``cuda`` or ``triton``); the choice is made by :func:`fusedrl.dispatch.select` before the op is
 called. No gradient: advantages are constants.
+
+Custom op ``fusedrl::group_advantages`` (CPU): the group estimators in one kernel call, from raw ids
+or a fixed group size to per-row advantages (see :func:`group_advantages_op`).
 """
 
 from __future__ import annotations
