@@ -11,6 +11,7 @@ CASE = "linear"
 floor_note = "the three GEMMs alone (logits, d hidden, d weight), into outputs allocated beforehand: arithmetic only"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BETA = 0.04
+LARGE_V = 151936  # the shape the memory target is set for (Qwen's vocabulary)
 
 
 def configs(quick: bool):
@@ -122,13 +123,16 @@ def targets(cfg, res) -> list[str]:
     eager = res.get("eager", {})
     if "peak_extra_bytes" in eager and eager["peak_extra_bytes"] > 0:
         frac = ours["peak_extra_bytes"] / eager["peak_extra_bytes"]
-        out.append(f"peak memory vs eager: {100 * frac:.1f}% (target <= 10%: {'met' if frac <= 0.10 else 'MISSED'})")
+        if cfg["V"] == LARGE_V:
+            out.append(f"peak memory vs eager: {100 * frac:.1f}% (target <= 10%: {'met' if frac <= 0.10 else 'MISSED'})")
+        else:
+            out.append(f"peak memory vs eager: {100 * frac:.1f}% (no target: the issue's 10% is for the V={LARGE_V} shape)")
     for peer in ("liger", "liger_compiled"):
         r = res.get(peer, {})
         if "median_s" in r:
             out.append(
-                f"vs {peer}: {r['median_s'] / ours['median_s']:.2f}x faster, "
-                f"{r['peak_extra_bytes'] / max(ours['peak_extra_bytes'], 1):.2f}x the memory"
+                f"vs {peer}: fusedrl {r['median_s'] / ours['median_s']:.2f}x faster; {peer} takes "
+                f"{r['peak_extra_bytes'] / max(ours['peak_extra_bytes'], 1):.2f}x fusedrl's peak memory"
             )
     return out
 
