@@ -198,80 +198,100 @@ int group_advantages_impl(const GroupAdvantageArgs& a) {
       }
     }
   }
-  // 2. the rewards in group order: X[c * M + p] for p-th row of the layout (scalarized unless C = K)
+  // 2. the rewards in group order, X[c * M + p] for the p-th row of the layout (scalarized unless
+  //    C = K), when the rows must be gathered (ids) or scalarized (a combine); contiguous groups of
+  //    one column per objective are read in place.
   std::vector<double>&X = sc.X, &W = sc.W, &Y = sc.Y;
-  X.resize(C * M);
-  W.resize(a.estimator == kOpo ? M : 0);
+  const bool scalarize = a.combine != kCombineNone && a.combine != kNormalizeThenSum;
+  const bool gathered = ord != nullptr || scalarize;
   const acc_t* weight = static_cast<const acc_t*>(a.weight);
-  for (int64_t p = 0; p < M; ++p) {
+  X.resize(gathered ? C * M : 0);
+  W.resize(gathered && a.estimator == kOpo ? M : 0);
+  for (int64_t p = 0; gathered && p < M; ++p) {
     const int64_t r = ord ? ord[p] : p;
     const T* row = R + r * a.row_stride;
-    if (a.combine == kNormalizeThenSum) {
-      for (int64_t c = 0; c < C; ++c) X[c * M + p] = load_double(row + c * a.col_stride);
-    } else {
+    if (scalarize) {
       X[p] = combine_row(a.combine, row, a.col_stride, K, a.weights, a.ideal, a.var_coef);
+    } else {
+      for (int64_t c = 0; c < C; ++c) X[c * M + p] = load_double(row + c * a.col_stride);
     }
     if (!W.empty()) W[p] = double(weight[r]);
   }
+  // The reader of column c over layout rows [base, base + n).
+  const bool has_w = a.estimator == kOpo;
+  auto run_of = [&](int64_t c, int64_t base) {
+    return DoubleRun{X.data() + c * M + base, W.empty() ? nullptr : W.data() + base, has_w};
+  };
+  auto rows_of = [&](int64_t c, int64_t base) {
+    return StridedRows<T, acc_t>{R + c * a.col_stride, a.row_stride, nullptr, base, weight, has_w};
+  };
   // 3. batch statistics: the batch std (scale "batch") and gpg's M / max(#nonzero, 1), per column
   std::vector<double> batch_den(C, 1.0), gpg_scale(C, 1.0);
-  for (int64_t c = 0; c < C; ++c) {
-    const double* x = X.data() + c * M;
-    if (a.scale == kScaleBatch) batch_den[c] = sqrt(batch_result(x, M, a.singleton).var) + a.eps;
+  auto batch_stats = [&](int64_t c, const auto& in) {
+    if (a.scale == kScaleBatch) {
+      batch_den[c] = sqrt(segment_result(column_moments(M, in), false, a.singleton).var) + a.eps;
+    }
     if (a.estimator == kGpg) {
       int64_t nz = 0;
-      for (int64_t p = 0; p < M; ++p) nz += x[p] != 0.0;
+      for (int64_t p = 0; p < M; ++p) nz += in.x(p) != 0.0;
       gpg_scale[c] = double(M) / double(std::max<int64_t>(nz, 1));
+    }
+  };
+  for (int64_t c = 0; c < C; ++c) {
+    if (gathered) {
+      batch_stats(c, DoubleRun{X.data() + c * M, nullptr, false});
+    } else {
+      batch_stats(c, StridedRows<T, acc_t>{R + c * a.col_stride, a.row_stride, nullptr, 0, nullptr, false});
     }
   }
   // 4. per group: the statistics of each column and every row's advantage (summed over the
-  //    columns with their weights for normalize_then_sum), in group order
-  // One column and no batch finish: each row's advantage goes straight to out (no Y, no last pass).
+  //    columns with their weights for normalize_then_sum), in group order. One column and no
+  //    batch finish: each row's advantage goes straight to out (no Y, no last pass).
   acc_t* out = static_cast<acc_t*>(a.out);
   const bool direct = C == 1 && a.finish == kFinishNone && a.estimator != kPassk;
   if (!direct) Y.assign(M, 0.0);
+  auto column = [&](const auto& in, int64_t c, int64_t base, int64_t n) {
+    const double wc = a.combine == kNormalizeThenSum ? a.weights[c] : 1.0;
+    double* y = direct ? nullptr : Y.data() + base;
+    if (a.estimator == kPassk) {
+      const ColumnStats st = column_stats(n, in);
+      const SegmentResult res = segment_result(st.s, false, a.singleton);
+      const double den = group_denominator(a.scale, res, batch_den[c], a.eps);
+      if (st.first >= 0) y[st.first] += wc * ((st.s.max - st.second) / den);
+      return;
+    }
+    const SegmentMoments sm = column_moments(n, in);
+    const SegmentResult res = segment_result(sm, has_w, a.singleton);
+    const double den = group_denominator(a.scale, res, batch_den[c], a.eps);
+    // the estimator as a constant in each loop (no switch per row)
+    auto rows = [&](auto est) {
+      constexpr int e = decltype(est)::value;
+      if (direct && !ord) {
+        for (int64_t k = 0; k < n; ++k) out[base + k] = acc_t(row_advantage(e, sm, res, in.x(k), den, gpg_scale[c], a.singleton));
+      } else if (direct) {
+        for (int64_t k = 0; k < n; ++k) out[ord[base + k]] = acc_t(row_advantage(e, sm, res, in.x(k), den, gpg_scale[c], a.singleton));
+      } else {
+        for (int64_t k = 0; k < n; ++k) y[k] += wc * row_advantage(e, sm, res, in.x(k), den, gpg_scale[c], a.singleton);
+      }
+    };
+    switch (a.estimator) {
+      case kGrpo: rows(std::integral_constant<int, kGrpo>()); break;
+      case kRloo: rows(std::integral_constant<int, kRloo>()); break;
+      case kGpg: rows(std::integral_constant<int, kGpg>()); break;
+      case kOpo: rows(std::integral_constant<int, kOpo>()); break;
+      default: rows(std::integral_constant<int, kCentered>()); break;
+    }
+  };
   auto groups = [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       int64_t base, n;
       group_of(g, base, n);
       if (n == 0) continue;
       for (int64_t c = 0; c < C; ++c) {
-        const double* x = X.data() + c * M + base;
-        const DoubleRun in{x, W.empty() ? nullptr : W.data() + base, !W.empty()};
-        const double wc = a.combine == kNormalizeThenSum ? a.weights[c] : 1.0;
-        double* y = direct ? nullptr : Y.data() + base;
-        if (a.estimator == kPassk) {
-          const ColumnStats st = column_stats(n, in);
-          const SegmentResult res = segment_result(st.s, false, a.singleton);
-          const double den = group_denominator(a.scale, res, batch_den[c], a.eps);
-          if (st.first >= 0) y[st.first] += wc * ((st.s.max - st.second) / den);
-          continue;
-        }
-        const SegmentMoments sm = column_moments(n, in);
-        const SegmentResult res = segment_result(sm, !W.empty(), a.singleton);
-        const double den = group_denominator(a.scale, res, batch_den[c], a.eps);
-        // the estimator as a constant in each loop (no switch per row)
-        auto rows = [&](auto est) {
-          if (direct && !ord) {
-            for (int64_t k = 0; k < n; ++k) {
-              out[base + k] = acc_t(row_advantage(decltype(est)::value, sm, res, x[k], den, gpg_scale[c], a.singleton));
-            }
-          } else if (direct) {
-            for (int64_t k = 0; k < n; ++k) {
-              out[ord[base + k]] = acc_t(row_advantage(decltype(est)::value, sm, res, x[k], den, gpg_scale[c], a.singleton));
-            }
-          } else {
-            for (int64_t k = 0; k < n; ++k) {
-              y[k] += wc * row_advantage(decltype(est)::value, sm, res, x[k], den, gpg_scale[c], a.singleton);
-            }
-          }
-        };
-        switch (a.estimator) {
-          case kGrpo: rows(std::integral_constant<int, kGrpo>()); break;
-          case kRloo: rows(std::integral_constant<int, kRloo>()); break;
-          case kGpg: rows(std::integral_constant<int, kGpg>()); break;
-          case kOpo: rows(std::integral_constant<int, kOpo>()); break;
-          default: rows(std::integral_constant<int, kCentered>()); break;
+        if (gathered) {
+          column(run_of(c, base), c, base, n);
+        } else {
+          column(rows_of(c, base), c, base, n);
         }
       }
     }

@@ -436,7 +436,8 @@ def _fused_group_advantages(rewards, group_ids, group_size, mask, params: GroupA
     if params.combine == "normalize_then_sum":
         finish = "batch_normalize"
     with torch.no_grad():
-        adv = seg_ops.group_advantages_op(
+        call = seg_ops.group_advantages_op if torch.compiler.is_compiling() else seg_ops.group_advantages_cpu
+        adv = call(
             rewards, group_ids, size, lengths, params.estimator, params.scale, params.eps, params.singleton,
             params.combine, finish, weights, list(params.ideal or ()), params.var_coef,
         )

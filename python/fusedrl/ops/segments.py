@@ -150,15 +150,16 @@ COMBINE_CODES = {None: 0, "sum_then_normalize": 1, "normalize_then_sum": 2, "che
 FINISH_CODES = {None: 0, "whiten": 1, "batch_normalize": 2}
 
 
-@torch.library.custom_op("fusedrl::group_advantages", mutates_args=())
-def group_advantages_op(
+def group_advantages_cpu(
     rewards: Tensor, group_ids: Tensor | None, group_size: int, weight: Tensor | None, estimator: str, scale: str,
     eps: float, singleton: str, combine: str | None, finish: str | None, weights: list[float], ideal: list[float],
     var_coef: float,
 ) -> Tensor:
     """Per-row advantages ``[M]`` of ``rewards [M]`` or ``[M, K]`` (CPU kernel
     ``group_advantages_cpu``): see :func:`fusedrl.advantages.group_advantages`, whose inputs are
-    validated before this is called. ``finish``: None, ``"whiten"`` or ``"batch_normalize"``."""
+    validated before this is called. ``finish``: None, ``"whiten"`` or ``"batch_normalize"``. The
+    body of the op ``fusedrl::group_advantages``; eager callers call it directly (the custom-op
+    dispatch costs about 0.1 ms, as much as the kernel at 65,536 rows)."""
     values = rewards if rewards.dim() == 2 else rewards.unsqueeze(-1)
     M, K = values.shape
     out = _ext.empty(M, _out_dtype(values.dtype), values.device)
@@ -174,6 +175,17 @@ def group_advantages_op(
     if status != 0:
         raise TypeError(f"rewards: unsupported dtype {values.dtype}")
     return out
+
+
+@torch.library.custom_op("fusedrl::group_advantages", mutates_args=())
+def group_advantages_op(
+    rewards: Tensor, group_ids: Tensor | None, group_size: int, weight: Tensor | None, estimator: str, scale: str,
+    eps: float, singleton: str, combine: str | None, finish: str | None, weights: list[float], ideal: list[float],
+    var_coef: float,
+) -> Tensor:
+    """:func:`group_advantages_cpu` as a custom op (what torch.compile sees)."""
+    return group_advantages_cpu(rewards, group_ids, group_size, weight, estimator, scale, eps, singleton, combine,
+                                finish, weights, ideal, var_coef)
 
 
 @group_advantages_op.register_fake
