@@ -207,16 +207,34 @@ int group_advantages_impl(const GroupAdvantageArgs& a) {
   const acc_t* weight = static_cast<const acc_t*>(a.weight);
   X.resize(gathered ? C * M : 0);
   W.resize(gathered && a.estimator == kOpo ? M : 0);
-  for (int64_t p = 0; gathered && p < M; ++p) {
-    const int64_t r = ord ? ord[p] : p;
-    const T* row = R + r * a.row_stride;
-    if (scalarize) {
-      X[p] = combine_row(a.combine, row, a.col_stride, K, a.weights, a.ideal, a.var_coef);
-    } else {
-      for (int64_t c = 0; c < C; ++c) X[c * M + p] = load_double(row + c * a.col_stride);
+  // Threads for the gather and the groups (each output element is written by one thread from
+  // the same inputs in the same order: the results do not depend on the count).
+  const int64_t want = std::max<int64_t>(1, std::min<int64_t>(a.num_threads, (M * C) / 16384));
+  const int nt = static_cast<int>(std::min<int64_t>(want, std::max<int64_t>(G, 1)));
+  auto parallel = [&](int64_t n, const auto& body) {
+    if (nt <= 1) {
+      body(int64_t(0), n);
+      return;
     }
-    if (!W.empty()) W[p] = double(weight[r]);
-  }
+#pragma omp parallel num_threads(nt)
+    {
+      const int64_t tid = omp_get_thread_num(), cnt = omp_get_num_threads();
+      body(n * tid / cnt, n * (tid + 1) / cnt);
+    }
+  };
+  auto gather = [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t r = ord ? ord[p] : p;
+      const T* row = R + r * a.row_stride;
+      if (scalarize) {
+        X[p] = combine_row(a.combine, row, a.col_stride, K, a.weights, a.ideal, a.var_coef);
+      } else {
+        for (int64_t c = 0; c < C; ++c) X[c * M + p] = load_double(row + c * a.col_stride);
+      }
+      if (!W.empty()) W[p] = double(weight[r]);
+    }
+  };
+  if (gathered) parallel(M, gather);
   // The reader of column c over layout rows [base, base + n).
   const bool has_w = a.estimator == kOpo;
   auto run_of = [&](int64_t c, int64_t base) {
@@ -296,17 +314,7 @@ int group_advantages_impl(const GroupAdvantageArgs& a) {
       }
     }
   };
-  const int64_t want = std::max<int64_t>(1, std::min<int64_t>(a.num_threads, (M * C) / 16384));
-  const int nt = static_cast<int>(std::min<int64_t>(want, std::max<int64_t>(G, 1)));
-  if (nt <= 1) {
-    groups(0, G);
-  } else {
-#pragma omp parallel num_threads(nt)
-    {
-      const int64_t tid = omp_get_thread_num(), cnt = omp_get_num_threads();
-      groups(G * tid / cnt, G * (tid + 1) / cnt);
-    }
-  }
+  parallel(G, groups);
   // 5. the batch finish, and the rows back to row order
   if (!direct) {
     SegmentResult batch{0, 0, 0};
