@@ -163,8 +163,9 @@ def _mask(name: str, mask, rows: int, ref_name: str, ref_tensor: torch.Tensor, s
     return mask
 
 
-def _groups(rows: int, group_ids, group_size, like: torch.Tensor, required: bool = True):
-    """Validate the layout and return the dense ``(index, num_groups)`` (or ``(None, 0)``)."""
+def _layout(rows: int, group_ids, group_size, like: torch.Tensor, required: bool = True) -> int | None:
+    """Validate the group layout: the group size for ``group_size``, 0 for ``group_ids``, None for
+    neither (allowed when not ``required``)."""
     if group_ids is not None and group_size is not None:
         raise ValueError("pass either group_ids or group_size, not both")
     if group_ids is not None:
@@ -172,17 +173,27 @@ def _groups(rows: int, group_ids, group_size, like: torch.Tensor, required: bool
         if group_ids.dim() != 1 or group_ids.shape[0] != rows:
             raise ValueError(f"group_ids must have shape [N] with N = {rows}, got {tuple(group_ids.shape)}")
         check.same_device("group_ids", group_ids, "rewards", like)
-        return ref.group_index(rows, group_ids=group_ids)
+        return 0
     if group_size is not None:
         size = check.integer("group_size", group_size)
         if size < 1:
             raise ValueError(f"group_size must be >= 1, got {size}")
         if rows % size:
             raise ValueError(f"group_size must divide the number of rows N = {rows}, got {size}")
-        return ref.group_index(rows, group_size=size, device=like.device)
+        return size
     if required:
         raise ValueError("pass group_ids (any integer ids, verl's layout) or group_size (TRL's contiguous layout)")
-    return None, 0
+    return None
+
+
+def _groups(rows: int, group_ids, group_size, like: torch.Tensor, required: bool = True):
+    """Validate the layout and return the dense ``(index, num_groups)`` (or ``(None, 0)``)."""
+    size = _layout(rows, group_ids, group_size, like, required)
+    if size is None:
+        return None, 0
+    if size == 0:
+        return ref.group_index(rows, group_ids=group_ids)
+    return ref.group_index(rows, group_size=size, device=like.device)
 
 
 def _segment_stats(op: str, tensor: torch.Tensor, backend, index, group_size):
@@ -409,22 +420,7 @@ def _fused_group_advantages(rewards, group_ids, group_size, mask, params: GroupA
     from fusedrl.ops import segments as seg_ops  # noqa: PLC0415
 
     N = rewards.shape[0]
-    size = 0
-    if group_ids is not None and group_size is not None:
-        raise ValueError("pass either group_ids or group_size, not both")
-    if group_ids is not None:
-        check.tensor("group_ids", group_ids, check.INDEX_DTYPES)
-        if group_ids.dim() != 1 or group_ids.shape[0] != N:
-            raise ValueError(f"group_ids must have shape [N] with N = {N}, got {tuple(group_ids.shape)}")
-        check.same_device("group_ids", group_ids, "rewards", rewards)
-    elif group_size is not None:
-        size = check.integer("group_size", group_size)
-        if size < 1:
-            raise ValueError(f"group_size must be >= 1, got {size}")
-        if N % size:
-            raise ValueError(f"group_size must divide the number of rows N = {N}, got {size}")
-    else:
-        raise ValueError("pass group_ids (any integer ids, verl's layout) or group_size (TRL's contiguous layout)")
+    size = _layout(N, group_ids, group_size, rewards)
     if params.estimator == "grpo_passk" and size == 1 and N:
         raise ValueError("estimator='grpo_passk' needs at least 2 rows in every group (verl raises too)")
     dtype = ref.accumulation_dtype(rewards.dtype)
