@@ -19,8 +19,8 @@ namespace cpu {
 namespace {
 
 // Host scratch reused across calls by each calling thread: a fresh multi-page std::vector costs a
-// page fault per 4 KiB on first touch (measured here: ~0.5 ms for the 1 MB of a 65,536-row call,
-// more than the arithmetic). Kept while its capacity is at most kKeepBytes, released after a
+// page fault per 4 KiB on first touch (measured here: a 65,536-row group_advantages call went from
+// 1.17 to 1.07 ms, 1 thread). Kept while its capacity is at most kKeepBytes, released after a
 // bigger call.
 struct Scratch {
   std::vector<int64_t> slot, table, keys, vals, offsets, order, next;
