@@ -170,6 +170,27 @@ def test_long_rows_cross_tiles():
         compare(make_inputs(3, 1000, torch.float64, seed=17, per_token_adv=True, mask="float", scale=0.05), **case)
 
 
+LOCAL_PATH = [  # token ratio level, clip / CISPO: csrc/cpu/policy.cpp local_rows (one instance each)
+    dict(surrogate=sur, kl=kl, rollout_correction=rc, rollout_cap=1.5, rollout_cap_low=0.7, **extra, **KL_ALL, **ENT)
+    for sur, extra in (("clip", {}), ("clip", dict(clip_ratio_c=2.0)), ("clip", dict(delta=1.1)),
+                       ("cispo", dict(clip_high=0.3)), ("cispo", dict(cispo_bounds="upper")))
+    for kl in ("k1", "abs", "k2", "k3", "low_var_kl")
+    for rc in (None, "token_truncate", "token_mask", "icepop")
+][::3]
+
+
+@pytest.mark.parametrize("case", LOCAL_PATH, ids=[_case_id(c) for c in LOCAL_PATH])
+def test_local_path_long_rows_with_a_padded_tile(case):
+    """float32 rows of 700 tokens whose second 256-token tile is all padding (skipped: zero
+    gradients) between valid tiles, through the token-level path: within 1e-5 of the float64 gold."""
+    d = make_inputs(3, 700, torch.float32, seed=23, per_token_adv=True, mask="float", scale=0.3)
+    d["mask"][:, 256:512] = 0
+    got = run("cpu", d, **case)
+    want = run("torch", gold(d), **case)
+    assert error(got, want) < 1e-5, error(got, want)
+    assert torch.equal(got[2][:, 256:512], torch.zeros(3, 256))
+
+
 def test_no_old_logp_strided_and_no_entropy_grad():
     d = without(make_inputs(3, 12, torch.float64, seed=9, per_token_adv=True), "old_logp")
     s = {k: (v[:, ::2] if v is not None and v.dim() == 2 else v) for k, v in d.items()}

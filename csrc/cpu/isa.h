@@ -50,10 +50,11 @@ inline const char* isa_name() {
 // (each calling BODY<T>(a, r0, r1)) for this CPU: the same body compiled for AVX-512, AVX2+FMA and
 // the baseline ISA. Keep OpenMP regions outside BODY, so the hot loops are in the chosen variant.
 #if defined(__x86_64__) && defined(__GNUC__)
+#define FUSEDRL_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+#define FUSEDRL_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define FUSEDRL_ISA_VARIANTS(NAME, ARGS, BODY, T)                                                     \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))) void NAME##_avx512(           \
-      const ARGS& a, int64_t r0, int64_t r1) { BODY<T>(a, r0, r1); }                              \
-  __attribute__((target("avx2,fma,f16c"))) void NAME##_avx2(const ARGS& a, int64_t r0, int64_t r1) { \
+  FUSEDRL_TARGET_AVX512 void NAME##_avx512(const ARGS& a, int64_t r0, int64_t r1) { BODY<T>(a, r0, r1); } \
+  FUSEDRL_TARGET_AVX2 void NAME##_avx2(const ARGS& a, int64_t r0, int64_t r1) {                    \
     BODY<T>(a, r0, r1);                                                                            \
   }                                                                                                \
   void NAME##_base(const ARGS& a, int64_t r0, int64_t r1) { BODY<T>(a, r0, r1); }                  \
@@ -65,6 +66,8 @@ inline const char* isa_name() {
     }                                                                                              \
   }
 #else
+#define FUSEDRL_TARGET_AVX512
+#define FUSEDRL_TARGET_AVX2
 #define FUSEDRL_ISA_VARIANTS(NAME, ARGS, BODY, T)                                       \
   void NAME##_base(const ARGS& a, int64_t r0, int64_t r1) { BODY<T>(a, r0, r1); }     \
   auto NAME() -> void (*)(const ARGS&, int64_t, int64_t) { return NAME##_base; }

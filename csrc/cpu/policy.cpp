@@ -103,11 +103,28 @@ template <typename A> struct Tile {
   A q[kTile], kl[kTile], dkl_x[kTile], dkl_w[kTile], g[kTile], dc[kTile];
 };
 
+// load_mask: the tile's mask into T.m; returns the number of its valid (nonzero) tokens.
+template <typename A> FUSEDRL_HD int64_t load_mask(const PolicyArgs& a, int64_t i, int64_t start, int64_t t0, int64_t n,
+                                                   Tile<A>& T) {
+  load(a.mask, i, start, t0, n, T.m);
+  A valid = 0;
+#pragma omp simd reduction(+ : valid)
+  for (int64_t j = 0; j < n; ++j) valid += T.m[j] != A(0) ? A(1) : A(0);
+  return int64_t(valid);
+}
+
+template <typename A> using LoadFn = void (*)(const PolicyArgs&, int64_t, int64_t, int64_t, int64_t, int, Tile<A>&);
+template <typename A> using MaskFn = int64_t (*)(const PolicyArgs&, int64_t, int64_t, int64_t, int64_t, Tile<A>&);
+template <typename A> using StoreFn = void (*)(const View&, int64_t, int64_t, int64_t, int64_t, const A*);
+
 template <typename A> struct Work {
   const PolicyArgs* a;
   Tile<A>* tile;
   A* scratch;      // 3 rows of `longest` (row-coupled levels): gradient, mask weight, dL/dc
   int64_t longest;
+  LoadFn<A> load;  // load_tile, load_mask and store for this CPU (the local path calls them out of line)
+  MaskFn<A> load_mask;
+  StoreFn<A> store;
 };
 
 FUSEDRL_HD void row_span(const PolicyArgs& a, int64_t i, int64_t* start, int64_t* len) {
@@ -122,7 +139,8 @@ FUSEDRL_HD void row_span(const PolicyArgs& a, int64_t i, int64_t* start, int64_t
 
 // Loads the tile's mask weight and the operands in `which` (bit flags below), each cleaned to 0 on
 // padded tokens in its own loop (operands that are not loaded keep the zeros of the fresh tile).
-enum : int { kX = 1, kO = 2, kAdv = 4, kRef = 8, kMu = 16, kH = 32 };
+// kHaveMask: T.m already holds this tile's mask (load_mask).
+enum : int { kX = 1, kO = 2, kAdv = 4, kRef = 8, kMu = 16, kH = 32, kHaveMask = 64 };
 template <typename A> FUSEDRL_HD void load_clean(const View& v, int64_t i, int64_t start, int64_t t0, int64_t n,
                                                  const A* m, A* out) {
   load(v, i, start, t0, n, out);
@@ -131,7 +149,7 @@ template <typename A> FUSEDRL_HD void load_clean(const View& v, int64_t i, int64
 }
 template <typename A>
 FUSEDRL_HD void load_tile(const PolicyArgs& a, int64_t i, int64_t start, int64_t t0, int64_t n, int which, Tile<A>& T) {
-  load(a.mask, i, start, t0, n, T.m);
+  if (!(which & kHaveMask)) load(a.mask, i, start, t0, n, T.m);
   if (which & (kX | kO)) load_clean(a.logp, i, start, t0, n, T.m, T.x);
   if (which & kO) {
     if (a.old_logp.p) load_clean(a.old_logp, i, start, t0, n, T.m, T.o);
@@ -365,8 +383,8 @@ template <typename A> FUSEDRL_HD void surrogate_stage(const Options& opt, const 
   if (o.surrogate == kClip || o.surrogate == kCispo) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      T.f_low[j] = (T.wc[j] > T.w[j] && T.adv[j] < A(0)) ? A(1) : A(0);
-      T.f_high[j] = (T.wc[j] < T.w[j] && T.adv[j] > A(0)) ? A(1) : A(0);
+      T.f_low[j] = clipped_low(T.w[j], T.wc[j], T.adv[j]);
+      T.f_high[j] = clipped_high(T.w[j], T.wc[j], T.adv[j]);
     }
   }  // else f_low, f_high stay 0 (see Tile)
 }
@@ -424,6 +442,18 @@ template <typename A> FUSEDRL_HD void kl_stage(const Options& o, bool has_ref, i
   }
 }
 
+// The chain rule of one token (weight m, loss coefficient g q, KL coefficient bg) from the stages'
+// partials: dL/dw, dL/dwc and the direct dL/dx; returns dL/dw pw + dL/dwc pwc, the token's share
+// through its own ratio (dL/dc_t for the cumulative level).
+template <typename A>
+FUSEDRL_HD A chain(A m, A gq, A bg, A l_dw, A l_dwc, A l_dx, A dkl_w, A dkl_x, A pw, A pwc, A* dw, A* dwc, A* dx) {
+  const A mq = m * gq;
+  *dw = mq * l_dw + m * bg * dkl_w;
+  *dwc = mq * l_dwc;
+  *dx = mq * l_dx + m * bg * dkl_x;
+  return *dw * pw + *dwc * pwc;
+}
+
 template <typename A> FUSEDRL_HD void loss_rows(const Work<A>& wk, int64_t r0, int64_t r1) {
   const PolicyArgs& a = *wk.a;
   const Options& o = a.opt;
@@ -466,11 +496,9 @@ template <typename A> FUSEDRL_HD void loss_rows(const Work<A>& wk, int64_t r0, i
         // (log_ratio_clamp=None): selected, not multiplied by 0
         const A m = T.m[j];
         const bool ok = m != A(0);
-        const A mq = m * g * T.q[j];
-        const A dw = mq * T.dw[j] + m * bg * T.dkl_w[j];
-        const A dwc = mq * T.dwc[j];
-        const A dx = mq * T.dx[j] * dx_scale + m * bg * T.dkl_x[j];
-        const A local = dw * T.pw[j] + dwc * T.pwc[j];  // dL/dc_t for cumulative
+        A dw, dwc, dx;
+        const A local = chain(m, g * T.q[j], bg, T.dw[j], T.dwc[j], T.dx[j] * dx_scale, T.dkl_w[j], T.dkl_x[j],
+                              T.pw[j], T.pwc[j], &dw, &dwc, &dx);  // dL/dc_t for cumulative
         T.g[j] = ok ? (cumulative ? dx : dx + local) : A(0);
         T.dc[j] = ok ? local : A(0);
         t_ds += ok ? dw * T.rw[j] + dwc * T.rwc[j] : A(0);
@@ -530,6 +558,106 @@ template <typename A> FUSEDRL_HD void loss_rows(const Work<A>& wk, int64_t r0, i
 }
 
 // ---------------------------------------------------------------------------------------------
+// pass 2, the local path: the token ratio level, surrogate clip or CISPO, rollout correction none or
+// per token, any KL estimator but the straight-through and bias-corrected kinds. Every term of a
+// token depends on that token alone, so after the tile's loads one loop computes the whole token
+// in registers (no stage arrays: those loads and stores were 3/4 of the tile path's time).
+// SUR (a LocalSurrogate), KL (-1: no KL term) and ROLL (0 none, 1 truncate, 2 mask / icepop) are
+// template arguments (one instance per combination, chosen once per call); the per-token math is
+// the tile path's.
+enum LocalSurrogate : int { kLocalClip = 0, kLocalClipExtra = 1, kLocalCispo = 2 };  // extra: dual clip or delta
+
+template <int SUR, int KL, int ROLL, typename A> FUSEDRL_HD void local_rows(const Work<A>& wk, int64_t r0, int64_t r1) {
+  const PolicyArgs& a = *wk.a;
+  const Options o = a.opt;
+  Tile<A>& T = *wk.tile;
+  const bool want_gx = a.grad_logp.p != nullptr, want_gh = a.grad_entropy.p != nullptr;
+  const bool has_h = a.entropy.p != nullptr;
+  const int which = kHaveMask | kX | kO | kAdv | (KL >= 0 ? kRef : 0) | (ROLL ? kMu : 0) | (has_h ? kH : 0);
+  const A lo = lower_bound(A(o.lo), o.clip_below), hi = A(o.hi);  // -inf: only the upper bound clips
+  const bool below = true;  // (the bool in the loop's selects would stop the vectorizer)
+  for (int64_t i = r0; i < r1; ++i) {
+    int64_t start, len;
+    row_span(a, i, &start, &len);
+    const A g = A(a.coef[3 * i]), bg = A(o.beta * a.coef[3 * i + 1]), eg = A(o.entropy_coef * a.coef[3 * i + 2]);
+    double s_sur = 0, s_kl = 0, s_h = 0, cnt = 0, c_low = 0, c_high = 0, c_dual = 0, s_w = 0, s_q = 0;
+    for (int64_t t0 = 0; t0 < len; t0 += kTile) {
+      const int64_t n = std::min(kTile, len - t0);
+      if (wk.load_mask(a, i, start, t0, n, T) == 0) {  // all padding (right-padded rows): zero gradients
+        std::fill(T.g, T.g + n, A(0));
+        if (want_gx) wk.store(a.grad_logp, i, start, t0, n, T.g);
+        if (want_gh) wk.store(a.grad_entropy, i, start, t0, n, T.g);
+        continue;
+      }
+      wk.load(a, i, start, t0, n, which, T);
+      // the sums over the tile that the options make nonzero (KL, rollout weight); the rest below
+      A t_sur = 0, t_kl = 0, t_cnt = 0, t_low = 0, t_high = 0, t_dual = 0, t_w = 0, t_q = 0;
+#pragma omp simd reduction(+ : t_sur, t_kl, t_cnt, t_low, t_high, t_dual, t_w, t_q)
+      for (int64_t j = 0; j < n; ++j) {
+        const A m = T.m[j], x = T.x[j], adv = T.adv[j];
+        const bool ok = m != A(0);
+        const A rho = x - T.o[j];
+        const A w = exp_any(clamp_log(rho, o));
+        const A pw = w * clamp_log_pass(rho, o);
+        const A wc = clip_ratio(w, lo, hi, below);
+        const A pwc = clip_ratio_pass(w, lo, hi, below) * pw;
+        A l, l_dw = A(0), l_dwc = A(0), l_dx = A(0), hit = A(0);
+        if (SUR == kLocalClip) {
+          l = clip_surrogate<false>(w, wc, adv, o, &l_dw, &l_dwc, &hit);
+        } else if (SUR == kLocalClipExtra) {
+          l = clip_surrogate<true>(w, wc, adv, o, &l_dw, &l_dwc, &hit);
+        } else {  // CISPO
+          l = -wc * adv * x;
+          l_dx = -wc * adv;
+        }
+        const A f_low = clipped_low(w, wc, adv), f_high = clipped_high(w, wc, adv);
+        A q = A(1);
+        if (ROLL == 1) q = rollout_truncate(T.o[j] - T.mu[j], o);
+        if (ROLL == 2) q = rollout_mask(T.o[j] - T.mu[j], o);
+        A kl = A(0), dkl = A(0);
+        if (KL >= 0) kl = kl_value(x - T.r[j], KL, &dkl);
+        A dw, dwc, dx;
+        const A local = chain(m, g * q, bg, l_dw, l_dwc, l_dx, A(0), dkl, pw, pwc, &dw, &dwc, &dx);
+        // padded tokens: operands cleaned to 0 give finite terms, times m = 0 (the gradient is
+        // selected: exact +0)
+        T.g[j] = ok ? dx + local : A(0);
+        t_sur += m * q * l;
+        if (KL >= 0) t_kl += m * kl;
+        t_cnt += m;
+        t_low += m * f_low;
+        t_high += m * f_high;
+        if (SUR == kLocalClipExtra) t_dual += m * hit;
+        t_w += m * w;
+        if (ROLL) t_q += m * q;
+      }
+      A t_h = 0;
+      if (has_h) {
+#pragma omp simd reduction(+ : t_h)
+        for (int64_t j = 0; j < n; ++j) t_h += T.m[j] * T.h[j];
+      }
+      s_sur += t_sur, s_kl += t_kl, s_h += t_h, cnt += t_cnt, c_low += t_low, c_high += t_high;
+      c_dual += t_dual, s_w += t_w, s_q += ROLL ? t_q : t_cnt;
+      if (want_gx) wk.store(a.grad_logp, i, start, t0, n, T.g);
+      if (want_gh) {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) T.g[j] = -eg * T.m[j];
+        wk.store(a.grad_entropy, i, start, t0, n, T.g);
+      }
+    }
+    double* out = a.rows + i * kNumOutputs;
+    out[kLoss] = double(g) * s_sur + double(bg) * s_kl - double(eg) * s_h;
+    out[kOutCount] = cnt;
+    out[kClipLow] = c_low;
+    out[kClipHigh] = c_high;
+    out[kClipDual] = c_dual;
+    out[kRatio] = s_w;
+    out[kKl] = s_kl;
+    out[kEntropy] = s_h;
+    out[kRolloutWeight] = s_q;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // entry points: rows over OpenMP threads, the hot row functions compiled per ISA
 
 FUSEDRL_ISA_VARIANTS(stats_f32, Work<float>, stats_rows, float)
@@ -538,7 +666,86 @@ FUSEDRL_ISA_VARIANTS(loss_f32, Work<float>, loss_rows, float)
 FUSEDRL_ISA_VARIANTS(loss_f64, Work<double>, loss_rows, double)
 #undef FUSEDRL_ISA_VARIANTS
 
+// The tile loads and stores for this CPU, compiled once per ISA (inlined into every local_rows
+// instance, their dtype switches made the build 6x longer).
+#define FUSEDRL_IO_VARIANT(SUFFIX, TARGET)                                                                  \
+  template <typename A>                                                                                    \
+  TARGET void load_##SUFFIX(const PolicyArgs& a, int64_t i, int64_t start, int64_t t0, int64_t n, int which, \
+                            Tile<A>& T) {                                                                  \
+    load_tile(a, i, start, t0, n, which, T);                                                               \
+  }                                                                                                        \
+  template <typename A>                                                                                    \
+  TARGET int64_t mask_##SUFFIX(const PolicyArgs& a, int64_t i, int64_t start, int64_t t0, int64_t n, Tile<A>& T) { \
+    return load_mask(a, i, start, t0, n, T);                                                               \
+  }                                                                                                        \
+  template <typename A>                                                                                    \
+  TARGET void store_##SUFFIX(const View& v, int64_t i, int64_t start, int64_t t0, int64_t n, const A* in) {  \
+    store(v, i, start, t0, n, in);                                                                         \
+  }
+FUSEDRL_IO_VARIANT(avx512, FUSEDRL_TARGET_AVX512)
+FUSEDRL_IO_VARIANT(avx2, FUSEDRL_TARGET_AVX2)
+FUSEDRL_IO_VARIANT(base, )
+#undef FUSEDRL_IO_VARIANT
+
+template <typename A> void set_io(Work<A>* wk) {
+  switch (isa_level()) {
+    case kIsaAvx512: wk->load = load_avx512<A>, wk->load_mask = mask_avx512<A>, wk->store = store_avx512<A>; break;
+    case kIsaAvx2: wk->load = load_avx2<A>, wk->load_mask = mask_avx2<A>, wk->store = store_avx2<A>; break;
+    default: wk->load = load_base<A>, wk->load_mask = mask_base<A>, wk->store = store_base<A>; break;
+  }
+}
+
 template <typename A> using RowFn = void (*)(const Work<A>&, int64_t, int64_t);
+
+// The local path's instance for this CPU (float accumulation; float64 log-probs take the tile path).
+template <int SUR, int KL, int ROLL> struct Local {
+  FUSEDRL_TARGET_AVX512 static void avx512(const Work<float>& w, int64_t r0, int64_t r1) {
+    local_rows<SUR, KL, ROLL, float>(w, r0, r1);
+  }
+  FUSEDRL_TARGET_AVX2 static void avx2(const Work<float>& w, int64_t r0, int64_t r1) {
+    local_rows<SUR, KL, ROLL, float>(w, r0, r1);
+  }
+  static void base(const Work<float>& w, int64_t r0, int64_t r1) { local_rows<SUR, KL, ROLL, float>(w, r0, r1); }
+  static RowFn<float> pick() {
+    switch (isa_level()) {
+      case kIsaAvx512: return avx512;
+      case kIsaAvx2: return avx2;
+      default: return base;
+    }
+  }
+};
+
+template <int SUR, int ROLL> RowFn<float> local_kl(int kl, bool has_ref) {
+  if (!has_ref) return Local<SUR, -1, ROLL>::pick();
+  switch (kl) {
+    case kK1: return Local<SUR, kK1, ROLL>::pick();
+    case kAbs: return Local<SUR, kAbs, ROLL>::pick();
+    case kK2: return Local<SUR, kK2, ROLL>::pick();
+    case kK3: return Local<SUR, kK3, ROLL>::pick();
+    default: return Local<SUR, kLowVar, ROLL>::pick();
+  }
+}
+
+template <int SUR> RowFn<float> local_rollout(const Options& o, bool has_ref) {
+  switch (o.rollout) {
+    case kNoRollout: return local_kl<SUR, 0>(o.kl, has_ref);
+    case kTokenTruncate: return local_kl<SUR, 1>(o.kl, has_ref);
+    case kTokenMask:
+    case kIcepop: return local_kl<SUR, 2>(o.kl, has_ref);
+    default: return nullptr;
+  }
+}
+
+// The local path when the options allow it (see local_rows), else null.
+RowFn<float> local_path(const PolicyArgs& a) {
+  const Options& o = a.opt;
+  if (o.ratio != kToken || o.kl_straight || o.bias_kl) return nullptr;
+  const bool has_ref = a.ref_logp.p != nullptr;
+  if (o.surrogate == kClip && (o.has_dual || o.has_delta)) return local_rollout<kLocalClipExtra>(o, has_ref);
+  if (o.surrogate == kClip) return local_rollout<kLocalClip>(o, has_ref);
+  if (o.surrogate == kCispo) return local_rollout<kLocalCispo>(o, has_ref);
+  return nullptr;
+}
 
 template <typename A> void run(const PolicyArgs& a, RowFn<A> fn, bool scratch) {
   int64_t longest = a.T;
@@ -551,7 +758,8 @@ template <typename A> void run(const PolicyArgs& a, RowFn<A> fn, bool scratch) {
   {
     std::vector<Tile<A>> tile(1);  // zero-initialized: operands that are never loaded read as 0
     std::vector<A> buf(scratch ? size_t(3 * longest) : 0);
-    const Work<A> wk{&a, tile.data(), buf.data(), longest};
+    Work<A> wk{&a, tile.data(), buf.data(), longest, nullptr, nullptr, nullptr};
+    set_io(&wk);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < a.B; ++i) fn(wk, i, i + 1);
   }
@@ -571,8 +779,12 @@ bool policy_stats(const PolicyArgs& a) {
 bool policy_loss(const PolicyArgs& a) {
   if (a.logp.dtype < 0 || a.logp.dtype > kFloat64) return false;
   const bool scratch = a.grad_logp.p && (a.opt.ratio == kSequence || a.opt.ratio == kHybrid || a.opt.ratio == kCumulative);
-  if (is_f64(a)) run<double>(a, loss_f64(), scratch);
-  else run<float>(a, loss_f32(), scratch);
+  if (is_f64(a)) {
+    run<double>(a, loss_f64(), scratch);
+  } else {
+    const RowFn<float> local = local_path(a);
+    run<float>(a, local ? local : loss_f32(), scratch);
+  }
   return true;
 }
 

@@ -74,9 +74,10 @@ struct Options {
   double cap = 3.0, cap_low = 0.0, clamp = 20.0;
   double tau_pos = 1.0, tau_neg = 1.05, alpha = 0.5;
 
-  // Absent bounds as infinities (delta, caps, the log-ratio clamp), so the per-token math has no
+  // Absent bounds as infinities (dual clip, delta, caps, the log-ratio clamp), so the per-token math has no
   // option tests; call once after filling the fields.
   void resolve() {
+    if (!has_dual) dual = INFINITY;
     if (!has_delta) delta = INFINITY;
     if (!has_cap) cap = INFINITY;
     if (!has_cap_low) cap_low = -INFINITY;
@@ -137,28 +138,43 @@ template <typename A> FUSEDRL_HD A clip_ratio_pass(A w, A lo, A hi, bool below) 
   return inside(w, lower_bound(lo, below), hi);
 }
 
+// The clip flags of a token (reference: clipped_low / clipped_high): the clipped ratio is above the
+// ratio with a negative advantage, or below it with a positive one. Products of 0/1 values: GCC
+// vectorizes these, not the && of comparisons next to clip_ratio_pass in one loop (mixed-width masks).
+template <typename A> FUSEDRL_HD A clipped_low(A w, A wc, A adv) {
+  return (wc > w ? A(1) : A(0)) * (adv < A(0) ? A(1) : A(0));
+}
+template <typename A> FUSEDRL_HD A clipped_high(A w, A wc, A adv) {
+  return (wc < w ? A(1) : A(0)) * (adv > A(0) ? A(1) : A(0));
+}
+
 // ---- surrogates: value and partials dl/dw (unclipped ratio), dl/dwc (clipped), dl/dx (direct) ----
 
 // clip (PPO / GRPO / DAPO) with TRL's delta and verl's dual clip; also returns the dual-clip flag.
-template <typename A> FUSEDRL_HD A clip_surrogate(A w, A wc, A adv, const Options& o, A* dw, A* dwc, A* dual_hit) {
-  const A wu = w > A(o.delta) ? A(o.delta) : w;  // delta = +inf when absent
-  const A dwu = w <= A(o.delta) ? A(1) : A(0);
+// EXTRA = false: the caller knows both are absent (delta, dual = +inf), and they cost nothing.
+template <bool EXTRA = true, typename A>
+FUSEDRL_HD A clip_surrogate(A w, A wc, A adv, const Options& o, A* dw, A* dwc, A* dual_hit) {
+  const A wu = EXTRA && w > A(o.delta) ? A(o.delta) : w;  // delta = +inf when absent
+  const A dwu = !EXTRA || w <= A(o.delta) ? A(1) : A(0);
   const A a1 = -adv * wu, a2 = -adv * wc;
   const A l = a1 > a2 ? a1 : a2;
   const A f1 = dmax_a(a1, a2), f2 = A(1) - f1;
-  A fd = A(1), out = l, hit = A(0);
-  if (o.has_dual) {
-    const A c = -adv * A(o.dual);
-    const bool neg = adv < A(0);
-    fd = neg ? dmin_a(l, c) : A(1);
-    out = neg ? (l < c ? l : c) : l;
-    const A unclipped_max = (-adv * w > a2) ? -adv * w : a2;  // the reference flags with w, not min(w, delta)
-    hit = (neg && c < unclipped_max) ? A(1) : A(0);
+  if (!EXTRA) {
+    *dw = f1 * (-adv);
+    *dwc = f2 * (-adv);
+    *dual_hit = A(0);
+    return l;
   }
+  // dual clip, A < 0 only: min(l, -A dual); dual = +inf when absent (Options::resolve), so no
+  // option test (a bool in the select stops GCC's vectorizer) and l, fd = 1, no hit.
+  const bool neg = adv < A(0);
+  const A c = -adv * A(o.dual);  // NaN at A = 0, never selected
+  const A fd = neg ? dmin_a(l, c) : A(1);
+  const A unclipped_max = (-adv * w > a2) ? -adv * w : a2;  // the reference flags with w, not min(w, delta)
   *dw = fd * f1 * (-adv) * dwu;
   *dwc = fd * f2 * (-adv);
-  *dual_hit = hit;
-  return out;
+  *dual_hit = (neg ? A(1) : A(0)) * (c < unclipped_max ? A(1) : A(0));
+  return neg ? (l < c ? l : c) : l;
 }
 
 // SAPO: -(4 / tau) sigmoid(tau (w - 1)) A; dl/dw = -4 A sig (1 - sig).
