@@ -164,10 +164,14 @@ def test_b1_t1_and_fully_masked_batch(ratio):
 
 
 def test_long_rows_cross_tiles():
-    """Rows of 1000 tokens (several 256-token tiles: carried prefix / suffix sums, row terms)."""
+    """Rows of 1000 tokens (several 256-token tiles: carried prefix / suffix sums, row terms), with
+    and without an all-padding tile inside row 0 (skipped by both passes)."""
     for case in (dict(ratio="cumulative", **KL_ALL, **ENT), dict(ratio="hybrid", hybrid_mixing="entropy"),
                  dict(ratio="sequence", rollout_correction="sequence_truncate", rollout_cap=1.5)):
-        compare(make_inputs(3, 1000, torch.float64, seed=17, per_token_adv=True, mask="float", scale=0.05), **case)
+        d = make_inputs(3, 1000, torch.float64, seed=17, per_token_adv=True, mask="float", scale=0.05)
+        compare(d, **case)
+        d["mask"][0, 256:512] = 0
+        assert torch.equal(compare(d, **case)[2][0, 256:512], torch.zeros(256, dtype=torch.float64))
 
 
 LOCAL_PATH = [  # token ratio level, clip / CISPO: csrc/cpu/policy.cpp local_rows (one instance each)

@@ -186,7 +186,11 @@ template <typename A> FUSEDRL_HD void stats_rows(const Work<A>& wk, int64_t r0, 
     A hmax = -std::numeric_limits<A>::infinity();
     for (int64_t t0 = 0; t0 < len; t0 += kTile) {
       const int64_t n = std::min(kTile, len - t0);
-      load_tile(a, i, start, t0, n, which, T);
+      if (load_mask(a, i, start, t0, n, T) == 0) {  // all padding: nothing to sum (h counts as 0)
+        if (need_h) hmax = hmax > A(0) ? hmax : A(0);
+        continue;
+      }
+      load_tile(a, i, start, t0, n, which | kHaveMask, T);
 #pragma omp simd reduction(+ : cnt)
       for (int64_t j = 0; j < n; ++j) cnt += double(T.m[j]);
       if (need_rho) {
@@ -482,7 +486,19 @@ template <typename A> FUSEDRL_HD void loss_rows(const Work<A>& wk, int64_t r0, i
     A* dc_row = wk.scratch + 2 * wk.longest;
     for (int64_t t0 = 0; t0 < len; t0 += kTile) {
       const int64_t n = std::min(kTile, len - t0);
-      load_tile(a, i, start, t0, n, which, T);
+      if (load_mask(a, i, start, t0, n, T) == 0) {  // all padding: zero gradients, nothing to sum
+        std::fill(T.g, T.g + n, A(0));
+        if (want_gx && (coupled || cumulative)) {
+          std::fill(gx_row + t0, gx_row + t0 + n, A(0));
+          std::fill(m_row + t0, m_row + t0 + n, A(0));
+          std::fill(dc_row + t0, dc_row + t0 + n, A(0));
+        } else if (want_gx) {
+          store(a.grad_logp, i, start, t0, n, T.g);
+        }
+        if (want_gh) store(a.grad_entropy, i, start, t0, n, T.g);
+        continue;
+      }
+      load_tile(a, i, start, t0, n, which | kHaveMask, T);
       ratio_stage(o, row, n, T, &c_carry, &n_carry);
       surrogate_stage(o, row, n, T);
       rollout_stage(o, row, n, T);
