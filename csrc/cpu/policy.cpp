@@ -103,14 +103,14 @@ template <typename A> struct Tile {
   A q[kTile], kl[kTile], dkl_x[kTile], dkl_w[kTile], g[kTile], dc[kTile];
 };
 
-// load_mask: the tile's mask into T.m; returns the number of its valid (nonzero) tokens.
+// load_mask: the tile's mask into T.m; returns the tile's valid extent: one past its last valid
+// (nonzero) token, 0 when it is all padding.
 template <typename A> FUSEDRL_HD int64_t load_mask(const PolicyArgs& a, int64_t i, int64_t start, int64_t t0, int64_t n,
                                                    Tile<A>& T) {
   load(a.mask, i, start, t0, n, T.m);
-  A valid = 0;
-#pragma omp simd reduction(+ : valid)
-  for (int64_t j = 0; j < n; ++j) valid += T.m[j] != A(0) ? A(1) : A(0);
-  return int64_t(valid);
+  int64_t extent = n;  // a scan from the end: it reads only the padding it removes (and one token)
+  while (extent > 0 && T.m[extent - 1] == A(0)) --extent;
+  return extent;
 }
 
 template <typename A> using LoadFn = void (*)(const PolicyArgs&, int64_t, int64_t, int64_t, int64_t, int, Tile<A>&);
@@ -598,11 +598,13 @@ template <int SUR, int KL, int ROLL, typename A> FUSEDRL_HD void local_rows(cons
     const A g = A(a.coef[3 * i]), bg = A(o.beta * a.coef[3 * i + 1]), eg = A(o.entropy_coef * a.coef[3 * i + 2]);
     double s_sur = 0, s_kl = 0, s_h = 0, cnt = 0, c_low = 0, c_high = 0, c_dual = 0, s_w = 0, s_q = 0;
     for (int64_t t0 = 0; t0 < len; t0 += kTile) {
-      const int64_t n = std::min(kTile, len - t0);
-      if (wk.load_mask(a, i, start, t0, n, T) == 0) {  // all padding (right-padded rows): zero gradients
-        std::fill(T.g, T.g + n, A(0));
-        if (want_gx) wk.store(a.grad_logp, i, start, t0, n, T.g);
-        if (want_gh) wk.store(a.grad_entropy, i, start, t0, n, T.g);
+      const int64_t n_tile = std::min(kTile, len - t0);
+      // tokens past the tile's last valid one (right padding) are not computed: zero gradients
+      const int64_t n = wk.load_mask(a, i, start, t0, n_tile, T);
+      std::fill(T.g + n, T.g + n_tile, A(0));
+      if (n == 0) {
+        if (want_gx) wk.store(a.grad_logp, i, start, t0, n_tile, T.g);
+        if (want_gh) wk.store(a.grad_entropy, i, start, t0, n_tile, T.g);
         continue;
       }
       wk.load(a, i, start, t0, n, which, T);
@@ -653,11 +655,11 @@ template <int SUR, int KL, int ROLL, typename A> FUSEDRL_HD void local_rows(cons
       }
       s_sur += t_sur, s_kl += t_kl, s_h += t_h, cnt += t_cnt, c_low += t_low, c_high += t_high;
       c_dual += t_dual, s_w += t_w, s_q += ROLL ? t_q : t_cnt;
-      if (want_gx) wk.store(a.grad_logp, i, start, t0, n, T.g);
+      if (want_gx) wk.store(a.grad_logp, i, start, t0, n_tile, T.g);
       if (want_gh) {
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) T.g[j] = -eg * T.m[j];
-        wk.store(a.grad_entropy, i, start, t0, n, T.g);
+        wk.store(a.grad_entropy, i, start, t0, n_tile, T.g);
       }
     }
     double* out = a.rows + i * kNumOutputs;
