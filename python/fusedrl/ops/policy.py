@@ -324,7 +324,7 @@ class _EagerObjective(torch.autograd.Function):
 
 def _metrics(rows: Tensor, p, has_ref: bool, has_entropy: bool, dtype: torch.dtype) -> dict:
     total = rows.detach().sum(0)
-    means = (total / ref_agg.per_row_count(total[OUT["count"]])).to(dtype)
+    means = (total / ref_agg.per_row_count(total[OUT["count"]])).to(dtype).unbind()  # one op for every view
 
     def mean(key):
         return means[OUT[key]]

@@ -153,8 +153,8 @@ def row_coefficients(
     ``seq-mean-token-sum-norm`` needs ``max_length``); ``row_sign`` (balanced) is
     :func:`sequence_sign`.
     """
-    def full(value):
-        return torch.ones(rows, dtype=dtype, device=device) * value
+    def full(value):  # one coefficient for every row: a broadcast view
+        return torch.as_tensor(value, dtype=dtype, device=device).reshape(1).expand(rows)
 
     if mode == "token-mean":
         local = row_count.sum() if num_tokens is None else torch.zeros((), dtype=dtype, device=device)
