@@ -2,10 +2,14 @@
 // -> aggregation, values, metrics and d loss / d logp in one pass over the tokens (plus a first
 // pass for the row statistics when the options need them). Per-token math: fusedrl/policy.h.
 //
-// Rows (sequences) are spread over OpenMP threads; a row is walked in tiles of kTile tokens. Each
-// tile is loaded once (every operand converted to the accumulation type A) and then run through
-// one short loop per stage (ratio, surrogate, rollout, KL, combine) whose option switch sits
-// outside the loop, so every loop vectorizes whatever the options. Row-coupled levels (sequence,
+// Rows (sequences) are spread over OpenMP threads; a row is walked in tiles of kTile tokens (a
+// tile that is all padding is not computed: its gradient is zero). Each tile is loaded once (every
+// operand converted to the accumulation type A). The token ratio level with the clip or CISPO
+// surrogate (GRPO, DAPO, Dr.GRPO, dual clip, CISPO: the common configurations) then takes the
+// local path: one loop computes each token in registers, one template instance per surrogate x
+// KL kind x rollout mode (local_rows). Every other configuration takes the tile path: one short
+// loop per stage (ratio, surrogate, rollout, KL, combine) whose option switch sits outside the
+// loop, so every loop vectorizes whatever the options. Row-coupled levels (sequence,
 // hybrid: a row sum; cumulative: a suffix sum) keep the row's partial gradient in a per-thread
 // scratch row (L1/L2-resident) and finish it in a second sweep over that scratch: the inputs are
 // still read once and the gradient written once.
@@ -446,6 +450,21 @@ template <typename A> FUSEDRL_HD void kl_stage(const Options& o, bool has_ref, i
   }
 }
 
+// A row's outputs (the Output enum) from its sums over the valid tokens.
+template <typename A>
+FUSEDRL_HD void write_row(double* out, A g, A bg, A eg, double s_sur, double s_kl, double s_h, double cnt, double c_low,
+                          double c_high, double c_dual, double s_w, double s_q) {
+  out[kLoss] = double(g) * s_sur + double(bg) * s_kl - double(eg) * s_h;
+  out[kOutCount] = cnt;
+  out[kClipLow] = c_low;
+  out[kClipHigh] = c_high;
+  out[kClipDual] = c_dual;
+  out[kRatio] = s_w;
+  out[kKl] = s_kl;
+  out[kEntropy] = s_h;
+  out[kRolloutWeight] = s_q;
+}
+
 // The chain rule of one token (weight m, loss coefficient g q, KL coefficient bg) from the stages'
 // partials: dL/dw, dL/dwc and the direct dL/dx; returns dL/dw pw + dL/dwc pwc, the token's share
 // through its own ratio (dL/dc_t for the cumulative level).
@@ -560,16 +579,7 @@ template <typename A> FUSEDRL_HD void loss_rows(const Work<A>& wk, int64_t r0, i
     if (want_gx && (coupled || cumulative)) {
       for (int64_t t0 = 0; t0 < len; t0 += kTile) store(a.grad_logp, i, start, t0, std::min(kTile, len - t0), gx_row + t0);
     }
-    double* out = a.rows + i * kNumOutputs;
-    out[kLoss] = double(g) * s_sur + double(bg) * s_kl - double(eg) * s_h;
-    out[kOutCount] = cnt;
-    out[kClipLow] = c_low;
-    out[kClipHigh] = c_high;
-    out[kClipDual] = c_dual;
-    out[kRatio] = s_w;
-    out[kKl] = s_kl;
-    out[kEntropy] = s_h;
-    out[kRolloutWeight] = s_q;
+    write_row(a.rows + i * kNumOutputs, g, bg, eg, s_sur, s_kl, s_h, cnt, c_low, c_high, c_dual, s_w, s_q);
   }
 }
 
@@ -608,7 +618,7 @@ template <int SUR, int KL, int ROLL, typename A> FUSEDRL_HD void local_rows(cons
         continue;
       }
       wk.load(a, i, start, t0, n, which, T);
-      // the sums over the tile that the options make nonzero (KL, rollout weight); the rest below
+      // the tile's sums (KL and rollout weight only when the options make them vary; entropy below)
       A t_sur = 0, t_kl = 0, t_cnt = 0, t_low = 0, t_high = 0, t_dual = 0, t_w = 0, t_q = 0;
 #pragma omp simd reduction(+ : t_sur, t_kl, t_cnt, t_low, t_high, t_dual, t_w, t_q)
       for (int64_t j = 0; j < n; ++j) {
@@ -662,16 +672,7 @@ template <int SUR, int KL, int ROLL, typename A> FUSEDRL_HD void local_rows(cons
         wk.store(a.grad_entropy, i, start, t0, n_tile, T.g);
       }
     }
-    double* out = a.rows + i * kNumOutputs;
-    out[kLoss] = double(g) * s_sur + double(bg) * s_kl - double(eg) * s_h;
-    out[kOutCount] = cnt;
-    out[kClipLow] = c_low;
-    out[kClipHigh] = c_high;
-    out[kClipDual] = c_dual;
-    out[kRatio] = s_w;
-    out[kKl] = s_kl;
-    out[kEntropy] = s_h;
-    out[kRolloutWeight] = s_q;
+    write_row(a.rows + i * kNumOutputs, g, bg, eg, s_sur, s_kl, s_h, cnt, c_low, c_high, c_dual, s_w, s_q);
   }
 }
 
