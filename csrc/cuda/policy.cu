@@ -507,8 +507,8 @@ FUSEDRL_HD void loss_token(const Options& o, const RowCtx<A>& rc, const Tok<A>& 
     }
   }
   if (o.surrogate == kClip || o.surrogate == kCispo) {
-    f_low = (wc > w && k.adv < A(0)) ? A(1) : A(0);
-    f_high = (wc < w && k.adv > A(0)) ? A(1) : A(0);
+    f_low = clipped_low(w, wc, k.adv);
+    f_high = clipped_high(w, wc, k.adv);
   }
 
   // rollout correction
