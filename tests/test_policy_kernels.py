@@ -195,6 +195,21 @@ def test_local_path_long_rows_with_a_padded_tile(case):
     assert torch.equal(got[2][:, 256:512], torch.zeros(3, 256))
 
 
+@pytest.mark.parametrize("case", LOCAL_PATH[::4], ids=[_case_id(c) for c in LOCAL_PATH[::4]])
+def test_local_path_packed_and_strided(case):
+    """The token-level path on the packed layout (int32 offsets) and on strided [B, T] views,
+    float32, against the float64 gold to 1e-5."""
+    d, cu = pack(make_inputs(4, 300, torch.float32, seed=29, per_token_adv=True, mask="float"))
+    got = run("cpu", d, cu_seqlens=cu.to(torch.int32), **case)
+    want = run("torch", gold(d), cu_seqlens=cu, **case)
+    assert error(got, want) < 1e-5, error(got, want)
+    d = make_inputs(3, 600, torch.float32, seed=31, mask="int32")
+    s = {k: (v[:, ::2] if v is not None and v.dim() == 2 else v) for k, v in d.items()}
+    assert not s["logp"].is_contiguous()
+    got, want = run("cpu", s, **case), run("torch", gold(s), **case)
+    assert error(got, want) < 1e-5, error(got, want)
+
+
 def test_no_old_logp_strided_and_no_entropy_grad():
     d = without(make_inputs(3, 12, torch.float64, seed=9, per_token_adv=True), "old_logp")
     s = {k: (v[:, ::2] if v is not None and v.dim() == 2 else v) for k, v in d.items()}
