@@ -74,8 +74,8 @@ struct Options {
   double cap = 3.0, cap_low = 0.0, clamp = 20.0;
   double tau_pos = 1.0, tau_neg = 1.05, alpha = 0.5;
 
-  // Absent bounds as infinities (dual clip, delta, caps, the log-ratio clamp), so the per-token math has no
-  // option tests; call once after filling the fields.
+  // Absent bounds as infinities (dual clip, delta, caps, the log-ratio clamp), so the per-token
+  // math has no option tests; call once after filling the fields.
   void resolve() {
     if (!has_dual) dual = INFINITY;
     if (!has_delta) delta = INFINITY;
