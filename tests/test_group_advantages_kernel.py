@@ -126,6 +126,54 @@ def test_combines_match_gold(dtype, data, combine, K, scale, singleton, estimato
     close(got, gold, dtype, x)
 
 
+@pytest.mark.parametrize("estimator", GROUP_ESTIMATORS)
+@pytest.mark.parametrize("layout", ["runs", "direct", "hashed", "int32"])
+def test_many_rows_match_gold(estimator, layout):
+    """70,000 rows: the keyed layout runs over several slices of rows (groups straddling them are
+    combined), the runs layout over groups of 13 (not a multiple of the 4 lanes); float32 rewards
+    offset by 1000 (the keyed sums are shifted by a group value: no cancellation to speak of),
+    float64 gold to 1e-5, every estimator, 2 threads."""
+    g = torch.Generator().manual_seed(7)
+    N, size = 70_005, 13
+    R = 1000 + (torch.rand(N, generator=g) > 0.6).float() + 0.01 * torch.randn(N, generator=g)
+    R[torch.arange(0, N, 97)] = 1000.0  # some exact ties with the group max (grpo_passk)
+    kw = dict(estimator=estimator)
+    if estimator == "opo":
+        kw["mask"] = torch.rand(N, 5, generator=g) > 0.3
+    sizes = torch.randint(2, 65, (N // 2,), generator=g)
+    sizes = sizes[: int((sizes.cumsum(0) < N).sum())]
+    labels = torch.repeat_interleave(torch.arange(len(sizes) + 1), torch.cat([sizes, (N - sizes.sum()).view(1)]))
+    labels = labels[torch.randperm(N, generator=g)]
+    layout = {
+        "runs": dict(group_size=size),
+        "direct": dict(group_ids=labels * 3 - 5),
+        "hashed": dict(group_ids=labels * 1_000_003 + 2**40),
+        "int32": dict(group_ids=(labels * 3).to(torch.int32)),
+    }[layout]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        got = fusedrl.group_advantages(R, **layout, backend="cpu", **kw)
+    finally:
+        torch.set_num_threads(before)
+    gold = fusedrl.group_advantages(R.double(), **layout, backend="torch", **kw)
+    close(got, gold, torch.float32, R)
+
+
+def test_keyed_sums_keep_precision_in_float64():
+    """float64 rewards 1e8 apart in scale within a group, shuffled ids: the keyed path (one pass of
+    sums shifted by a group value) against the reference's two-pass moments to 1e-10."""
+    g = torch.Generator().manual_seed(3)
+    N = 40_000
+    R = torch.randn(N, generator=g, dtype=torch.float64) * torch.tensor([1e-4, 1.0, 1e4], dtype=torch.float64)[
+        torch.randint(0, 3, (N,), generator=g)] + 1e4
+    ids = torch.randint(0, 500, (N,), generator=g)
+    for estimator in ("grpo", "rloo"):
+        got = fusedrl.group_advantages(R, ids, estimator=estimator, backend="cpu")
+        gold = fusedrl.group_advantages(R, ids, estimator=estimator, backend="torch")
+        close(got, gold, torch.float64, R)
+
+
 def test_zero_variance_groups_and_hand_values():
     R = torch.tensor([0.3, 0.3, 0.3, 1.0, 0.0, 1.0, 5.0])
     ids = torch.tensor([10**15, 10**15, 10**15, -4, -4, -4, 2**62])  # wide: hashed

@@ -1,5 +1,5 @@
-"""Every ISA variant of the C++ segment-statistics kernel (baseline, AVX2, AVX-512: csrc/cpu/isa.h)
-runs and agrees with the float64 gold. The variant is fixed once per process, so each runs in a
+"""Every ISA variant of the C++ segment-statistics kernel and of the group_advantages kernel's runs
+(baseline, AVX2, AVX-512: csrc/cpu/isa.h) runs and agrees with the float64 gold. The variant is fixed once per process, so each runs in a
 child process with FUSEDRL_CPU_ISA set."""
 
 import os
@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+import fusedrl
 from fusedrl import _ext
 from fusedrl.reference import advantages as ref
 
@@ -23,6 +24,16 @@ for dt in (torch.float32, torch.bfloat16, torch.float64):
     x = (torch.randn(200, 2, generator=g, dtype=torch.float64) * 5).to(dt)
     out[str(dt)] = (x, tuple(seg.group_stats(x, index, 9, weight=torch.rand(200, generator=g), backend="cpu")))
 out["index"] = index
+import fusedrl
+R = torch.randn(222, 3, generator=g, dtype=torch.float64) * 3
+for dt in (torch.float32, torch.bfloat16, torch.float64):  # runs of 37 rows: 9 blocks of 4 and a tail
+    x = R.to(dt)
+    out["adv", str(dt)] = [
+        fusedrl.group_advantages(x[:, 0], group_size=37, scale="batch", backend="cpu"),
+        fusedrl.group_advantages(x, group_size=37, combine="normalize_then_sum", backend="cpu"),
+        fusedrl.group_advantages(x[:, 0], group_size=37, estimator="rloo", backend="cpu"),
+    ]
+out["R"] = R
 torch.save(out, sys.argv[1])
 """
 
@@ -54,3 +65,13 @@ def check(isa, out):
                 assert torch.equal(a, b)
             else:
                 torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * 25, msg=name)
+    for dt in (torch.float32, torch.bfloat16, torch.float64):
+        x = out["R"].to(dt).double()
+        gold = [
+            fusedrl.group_advantages(x[:, 0], group_size=37, scale="batch", backend="torch"),
+            fusedrl.group_advantages(x, group_size=37, combine="normalize_then_sum", backend="torch"),
+            fusedrl.group_advantages(x[:, 0], group_size=37, estimator="rloo", backend="torch"),
+        ]
+        tol = 1e-12 if dt == torch.float64 else 1e-5
+        for a, b in zip(out["adv", str(dt)], gold):
+            torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * 5)

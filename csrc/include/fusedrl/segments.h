@@ -72,7 +72,11 @@ FUSEDRL_HD double segment_loo_value(const SegmentMoments& s, double x, int singl
   return singleton == kSingletonVerl ? 0.0 : x;
 }
 
-FUSEDRL_HD double max_nan(double m, double x) { return (x > m || x != x) ? x : m; }
+// max(m, x), NaN once either is NaN. Two selects (maxsd, then a blend on x's NaN): no branch.
+FUSEDRL_HD double max_nan(double m, double x) {
+  const double t = x > m ? x : m;
+  return x != x ? x : t;
+}
 
 FUSEDRL_HD double load_double(const float* p) { return *p; }
 FUSEDRL_HD double load_double(const double* p) { return *p; }
@@ -133,19 +137,26 @@ struct ColumnStats {
   double second = -HUGE_VAL;
 };
 
+// The position of the first value equal to m (the max) and the max of the other values.
+template <typename Reader>
+FUSEDRL_HD void column_extremes(int64_t n, const Reader& in, double m, int64_t& first, double& second) {
+  first = -1;
+  second = -HUGE_VAL;
+  for (int64_t k = 0; k < n; ++k) {
+    const double x = in.x(k);
+    if (first < 0 && x == m) {
+      first = k;
+    } else {
+      second = max_nan(second, x);
+    }
+  }
+}
+
 template <typename Reader>
 FUSEDRL_HD ColumnStats column_stats(int64_t n, const Reader& in) {
   ColumnStats c;
   c.s = column_moments(n, in);
-  const double m = c.s.max;
-  for (int64_t k = 0; k < n; ++k) {
-    const double x = in.x(k);
-    if (c.first < 0 && x == m) {
-      c.first = k;
-    } else {
-      c.second = max_nan(c.second, x);
-    }
-  }
+  column_extremes(n, in, c.s.max, c.first, c.second);
   return c;
 }
 
