@@ -27,7 +27,7 @@ def same_device(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor
 
 
 def positive_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not (math.isfinite(value) and value > 0):
@@ -36,7 +36,7 @@ def positive_float(name: str, value) -> float:
 
 
 def integer(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if type(value) is not int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     return int(value)
 

@@ -124,7 +124,7 @@ def _choice(name: str, value, choices):
 
 
 def _real(name: str, value, low: float | None = None, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
@@ -188,7 +188,11 @@ def _layout(rows: int, group_ids, group_size, like: torch.Tensor, required: bool
 
 def _groups(rows: int, group_ids, group_size, like: torch.Tensor, required: bool = True):
     """Validate the layout and return the dense ``(index, num_groups)`` (or ``(None, 0)``)."""
-    size = _layout(rows, group_ids, group_size, like, required)
+    return _dense_groups(rows, group_ids, _layout(rows, group_ids, group_size, like, required), like)
+
+
+def _dense_groups(rows: int, group_ids, size: int | None, like: torch.Tensor):
+    """The dense ``(index, num_groups)`` of a validated layout (``size`` from :func:`_layout`)."""
     if size is None:
         return None, 0
     if size == 0:
@@ -306,7 +310,7 @@ def group_advantages(
         baseline: ``[N]`` floating point, the ReMax baseline rewards (``"remax"`` only).
         gamma: discount in [0, 1] of ``"reinforce++"`` (masked tokens are skipped, not discounted).
         backend: see :mod:`fusedrl.dispatch`. ``"cpu"``: one kernel call (``fusedrl::group_advantages``:
-            the ids densified by a direct table or a hash, no sort; each group's statistics, every
+            the ids keyed through a bitmap or a hash, no sort; each group's statistics, every
             row's advantage, the combine and the batch whitening / normalization fused) for every
             group estimator (not remax, reinforce++) except, with ``mask``, reinforce++-baseline
             and normalize_then_sum, which whiten over tokens and are composed as on the other
@@ -375,11 +379,12 @@ def group_advantages(
         estimator=est, scale=scale, eps=eps, combine=combine, weights=weights_t, ideal=ideal_t,
         var_coef=var_coef, gamma=gamma, singleton=singleton,
     )
+    size = _layout(N, group_ids, group_size, rewards, required=needs_groups)
     if needs_groups:
         name = dispatch.select("group_advantages", SEGMENT_BACKENDS, rewards.device, rewards.dtype, backend)
         if name == "cpu" and _fused_declines(params, mask) is None:
-            return _fused_group_advantages(rewards, group_ids, group_size, mask, params)
-    index, num_groups = _groups(N, group_ids, group_size, rewards, required=needs_groups)
+            return _fused_group_advantages(rewards, group_ids, size, mask, params)
+    index, num_groups = _dense_groups(N, group_ids, size, rewards)
     if est == "grpo_passk" and N:
         counts = torch.bincount(index, minlength=num_groups)
         if int(counts.min()) < 2:
@@ -413,14 +418,13 @@ def _fused_declines(params: GroupAdvantageParams, mask) -> str | None:
     return None
 
 
-def _fused_group_advantages(rewards, group_ids, group_size, mask, params: GroupAdvantageParams) -> torch.Tensor:
-    """group_advantages in one kernel call: raw ids are densified by the kernel (no sort), the
-    statistics, estimator, combine and batch finish are fused; the result is broadcast over the
-    mask's tokens as the reference does."""
+def _fused_group_advantages(rewards, group_ids, size: int, mask, params: GroupAdvantageParams) -> torch.Tensor:
+    """group_advantages in one kernel call (``size`` from :func:`_layout`): raw ids are keyed by the
+    kernel (no sort), the statistics, estimator, combine and batch finish are fused; the result is
+    broadcast over the mask's tokens as the reference does."""
     from fusedrl.ops import segments as seg_ops  # noqa: PLC0415
 
     N = rewards.shape[0]
-    size = _layout(N, group_ids, group_size, rewards)
     if params.estimator == "grpo_passk" and size == 1 and N:
         raise ValueError("estimator='grpo_passk' needs at least 2 rows in every group (verl raises too)")
     dtype = ref.accumulation_dtype(rewards.dtype)
@@ -431,13 +435,13 @@ def _fused_group_advantages(rewards, group_ids, group_size, mask, params: GroupA
     finish = {"reinforce++-baseline": "whiten"}.get(params.estimator)
     if params.combine == "normalize_then_sum":
         finish = "batch_normalize"
-    with torch.no_grad():
-        call = seg_ops.group_advantages_op if torch.compiler.is_compiling() else seg_ops.group_advantages_cpu
-        adv = call(
-            rewards, group_ids, size, lengths, params.estimator, params.scale, params.eps, params.singleton,
-            params.combine, finish, weights, list(params.ideal or ()), params.var_coef,
-        )
-        return adv if valid is None else torch.where(valid, adv.unsqueeze(-1), 0.0)
+    # no torch.no_grad() needed: the kernel's output is a fresh tensor outside autograd
+    call = seg_ops.group_advantages_op if torch.compiler.is_compiling() else seg_ops.group_advantages_cpu
+    adv = call(
+        rewards, group_ids, size, lengths, params.estimator, params.scale, params.eps, params.singleton,
+        params.combine, finish, weights, list(params.ideal or ()), params.var_coef,
+    )
+    return adv if valid is None else torch.where(valid, adv.unsqueeze(-1), 0.0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -160,11 +160,13 @@ def group_advantages_cpu(
     validated before this is called. ``finish``: None, ``"whiten"`` or ``"batch_normalize"``. The
     body of the op ``fusedrl::group_advantages``; eager callers call it directly (the custom-op
     dispatch costs about 0.1 ms, as much as the kernel at 65,536 rows)."""
-    values = rewards if rewards.dim() == 2 else rewards.unsqueeze(-1)
-    M, K = values.shape
-    out = _ext.empty(M, _out_dtype(values.dtype), values.device)
+    if rewards.dim() == 2:
+        (M, K), (row_stride, col_stride) = rewards.shape, rewards.stride()
+    else:
+        M, K, row_stride, col_stride = rewards.shape[0], 1, rewards.stride(0), 1
+    out = _ext.empty(M, _out_dtype(rewards.dtype), rewards.device)
     status = _ext.load().group_advantages_cpu(
-        values.data_ptr(), _ext.DTYPE_CODES[values.dtype], M, K, values.stride(0), values.stride(1),
+        rewards.data_ptr(), _ext.DTYPE_CODES[rewards.dtype], M, K, row_stride, col_stride,
         _ext.ptr(group_ids), group_ids is not None and group_ids.dtype == torch.int32,
         group_ids.stride(0) if group_ids is not None else 1, group_size, _ext.ptr(weight),
         ESTIMATOR_CODES[estimator], SCALE_CODES[scale], SINGLETON_CODES[singleton], COMBINE_CODES[combine],
@@ -173,7 +175,7 @@ def group_advantages_cpu(
     if status == 2:
         raise ValueError("estimator='grpo_passk' needs at least 2 rows in every group (verl raises too)")
     if status != 0:
-        raise TypeError(f"rewards: unsupported dtype {values.dtype}")
+        raise TypeError(f"rewards: unsupported dtype {rewards.dtype}")
     return out
 
 
