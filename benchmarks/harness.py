@@ -4,7 +4,10 @@ Every (case, config, implementation) runs in a fresh child process, which
   1. warms up on a tiny config (loads libraries, so code pages do not count as memory),
   2. allocates the inputs, then resets the kernel's peak-RSS counter (/proc/self/clear_refs),
   3. runs one forward+backward and reads the peak RSS (VmHWM): peak extra memory over the inputs,
-  4. runs `warmup` more steps and `repeats` timed steps: the median is reported.
+  4. runs `warmup` more steps and `repeats` timed steps: the median is reported. A slow
+     implementation runs fewer (at least 1 warm-up and 3 timed steps) so that its steps take
+     about STEP_BUDGET_S seconds: many repeats for the sub-millisecond kernels cost no more than
+     the peers' second-long loops.
 The parent prints a table, writes <case>.json and a PNG plot to --out, and rewrites the case's
 section of benchmarks/RESULTS.md with the ratios measured side by side in this one run, the
 command, the machine and the versions.
@@ -45,6 +48,9 @@ def _reset_peak() -> bool:
         return False
 
 
+STEP_BUDGET_S = 30.0  # the time a slow implementation's timed steps may take (see the docstring)
+
+
 def child(case_name: str, impl: str, cfg: dict, repeats: int, warmup: int, threads: int) -> dict:
     import torch
 
@@ -64,6 +70,8 @@ def child(case_name: str, impl: str, cfg: dict, repeats: int, warmup: int, threa
     first = time.perf_counter() - t0
     peak_kb = _status_kb("VmHWM")
     del out
+    fit = int(STEP_BUDGET_S / max(first, 1e-9))
+    warmup, repeats = min(warmup, max(1, fit // 10)), min(repeats, max(3, fit))
     for _ in range(warmup):
         step()
     times = []
@@ -233,8 +241,9 @@ def write_results_md(sections: dict[str, str], info: dict, command: str, path: P
     head = (
         "# fusedrl benchmark results\n\n"
         "Written by `python -m benchmarks` (benchmarks/harness.py); every number below comes from the run\n"
-        "whose command, machine and versions head its section. Times are medians of repeats; memory is the\n"
-        "peak resident memory over the inputs, measured in a fresh process per row. Ratios are within one run.\n"
+        "whose command, machine and versions head its section. Times are medians of repeats (an implementation\n"
+        "slower than STEP_BUDGET_S / repeats a step runs fewer, at least 3); memory is the peak resident memory\n"
+        "over the inputs, measured in a fresh process per row. Ratios are within one run.\n"
     )
     path.write_text(head + "".join(f"\n## {k}\n{v}" for k, v in existing.items()))
 
