@@ -148,6 +148,12 @@ def fmt_mb(b):
     return "-" if b is None else f"{b / 2**20:,.0f}"
 
 
+def fmt_ms(seconds: float) -> str:
+    """A median time in ms with three significant digits below 100 ms (sub-ms kernels stay legible)."""
+    ms = seconds * 1e3
+    return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 10 else f"{ms:.1f}" if ms < 100 else f"{ms:,.0f}"
+
+
 def config_label(cfg: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in cfg.items())
 
@@ -173,7 +179,7 @@ def render_case(case_mod, rows: list[dict]) -> str:
             # outputs can read a few kB under their size; that shows as 0.
             beyond = max(r["peak_extra_bytes"] - grad, 0) if (impl != "floor" and grad is not None) else None
             out.append(
-                f"| {impl} | {r['median_s'] * 1e3:,.1f} | {ratio:.2f}x | {fmt_mb(r['peak_extra_bytes'])} | {fmt_mb(beyond)} |"
+                f"| {impl} | {fmt_ms(r['median_s'])} | {ratio:.2f}x | {fmt_mb(r['peak_extra_bytes'])} | {fmt_mb(beyond)} |"
             )
         for text in case_mod.targets(cfg, res) if hasattr(case_mod, "targets") else []:
             out.append(f"- {text}")
