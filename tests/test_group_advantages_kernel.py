@@ -191,15 +191,21 @@ def test_deterministic_repeats_and_threads():
     g = torch.Generator().manual_seed(0)
     N = 70000  # big enough for the kernel to use 2 threads
     R = torch.randn(N, 4, generator=g)
-    ids = torch.randperm(N, generator=g) % 1999 * 1_000_003  # a wide range: hashed
+    hashed = torch.randperm(N, generator=g) % 1999 * 1_000_003  # a wide range: hashed
+    direct = torch.randperm(N, generator=g) % 1999 * 3  # a small range: the bitmap
+    mask = torch.rand(N, 2, generator=g) > 0.3
+    layouts = (dict(group_ids=hashed), dict(group_ids=direct), dict(group_size=14))
+    configs = (dict(), dict(combine="normalize_then_sum"), dict(combine="sum_then_normalize", estimator="rloo"),
+               dict(estimator="grpo_passk"), dict(estimator="opo", mask=mask), dict(scale="batch"))
     runs = []
     before = torch.get_num_threads()
     try:
         for threads in (1, 2, 2):
             torch.set_num_threads(threads)
-            for kw in (dict(), dict(combine="normalize_then_sum"), dict(combine="sum_then_normalize", estimator="rloo")):
-                x = R if kw else R[:, 0]
-                runs.append((threads, fusedrl.group_advantages(x, ids, backend="cpu", **kw)))
+            for layout in layouts:
+                for kw in configs:
+                    x = R if "combine" in kw else R[:, 0]
+                    runs.append((threads, fusedrl.group_advantages(x, **layout, backend="cpu", **kw)))
     finally:
         torch.set_num_threads(before)
     first = [r for t, r in runs if t == 1]

@@ -69,7 +69,7 @@ def masked(values: torch.Tensor, valid: torch.Tensor, weight: torch.Tensor) -> t
 
 def per_row_count(count: torch.Tensor) -> torch.Tensor:
     """A count to divide by: an empty count (0) divides as 1 (its numerator is 0 anyway)."""
-    return torch.where(count > 0, count, torch.ones_like(count))
+    return torch.where(count > 0, count, 1.0)
 
 
 def normalizer(given, default: torch.Tensor) -> torch.Tensor:
