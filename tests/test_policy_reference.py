@@ -629,6 +629,20 @@ def test_policy_loss_bad_input(over, exc, name):
         _call(**over)
 
 
+def test_memoized_options_still_reject_equal_values_of_a_bad_type():
+    """The validated options are memoized on their values and types: after a valid call, an equal
+    value of a rejected type (True == 1, False == 0 == 0.0) still raises, and the valid call still
+    runs."""
+    _call(clip_low=1, beta=0.0, exclude_empty_rows=False)
+    with pytest.raises(TypeError, match="clip_low"):
+        _call(clip_low=True, beta=0.0, exclude_empty_rows=False)
+    with pytest.raises(TypeError, match="exclude_empty_rows"):
+        _call(clip_low=1, beta=0.0, exclude_empty_rows=0)
+    with pytest.raises(TypeError, match="beta"):
+        _call(clip_low=1, beta=False, exclude_empty_rows=False)
+    _call(clip_low=1, beta=0.0, exclude_empty_rows=False)
+
+
 @pytest.mark.parametrize("call,exc,name", [
     (lambda: fusedrl.aggregate(torch.zeros(2, 3), torch.ones(2, 3), "mean"), ValueError, "mode"),
     (lambda: fusedrl.aggregate(torch.zeros(2, 3), torch.ones(3, 2)), ValueError, "mask"),

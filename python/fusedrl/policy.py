@@ -178,6 +178,60 @@ def _group_ids(group_ids, values):
 # public functions
 
 
+_PARAMS_CACHE: dict = {}  # validated PolicyParams by their raw options (trainers pass the same every step)
+
+
+def _policy_params(**raw) -> PolicyParams:
+    """The options of :func:`policy_loss` validated into a :class:`PolicyParams`, memoized on the
+    options and their types (an unhashable option skips the memo; the validation names it)."""
+    key = tuple((k, type(v), v) for k, v in raw.items())
+    try:
+        return _PARAMS_CACHE[key]
+    except (KeyError, TypeError):
+        pass
+    params = _validate_params(**raw)  # raises on any bad option, before anything is stored
+    if len(_PARAMS_CACHE) >= 256:
+        _PARAMS_CACHE.clear()
+    try:
+        _PARAMS_CACHE[key] = params
+    except TypeError:  # an unhashable value that still validated
+        pass
+    return params
+
+
+def _validate_params(*, surrogate, ratio, clip_low, clip_high, clip_ratio_c, delta, beta, kl, use_bias_correction_kl,
+                     rollout_correction, rollout_cap, rollout_cap_low, entropy_coef, aggregation, kl_aggregation,
+                     entropy_aggregation, exclude_empty_rows, cispo_bounds, tau_pos, tau_neg, hybrid_mixing,
+                     hybrid_alpha, seq_clip_low, seq_clip_high, log_ratio_clamp) -> PolicyParams:
+    return PolicyParams(
+        surrogate=_choice("surrogate", surrogate, SURROGATES),
+        ratio=_choice("ratio", ratio, RATIOS),
+        clip_low=_real("clip_low", clip_low, minimum=0.0),
+        clip_high=_real("clip_high", clip_low if clip_high is None else clip_high, minimum=-1.0, exclusive=True),
+        clip_ratio_c=_real("clip_ratio_c", clip_ratio_c, minimum=1.0, exclusive=True, optional=True),
+        delta=_real("delta", delta, minimum=0.0, exclusive=True, optional=True),
+        beta=_real("beta", beta),
+        kl=_choice("kl", kl, KL_KINDS),
+        use_bias_correction_kl=check.boolean("use_bias_correction_kl", use_bias_correction_kl),
+        rollout_correction=_choice("rollout_correction", rollout_correction, (None,) + ROLLOUT_CORRECTIONS),
+        rollout_cap=_real("rollout_cap", rollout_cap, minimum=0.0, exclusive=True, optional=True),
+        rollout_cap_low=_real("rollout_cap_low", rollout_cap_low, minimum=0.0, optional=True),
+        entropy_coef=_real("entropy_coef", entropy_coef),
+        aggregation=_choice("aggregation", aggregation, AGGREGATIONS),
+        kl_aggregation=_choice("kl_aggregation", kl_aggregation, (None,) + AGGREGATIONS),
+        entropy_aggregation=_choice("entropy_aggregation", entropy_aggregation, (None,) + AGGREGATIONS),
+        exclude_empty_rows=check.boolean("exclude_empty_rows", exclude_empty_rows),
+        cispo_bounds=_choice("cispo_bounds", cispo_bounds, _ref_policy.CISPO_BOUNDS),
+        tau_pos=_real("tau_pos", tau_pos, minimum=0.0, exclusive=True),
+        tau_neg=_real("tau_neg", tau_neg, minimum=0.0, exclusive=True),
+        hybrid_mixing=_choice("hybrid_mixing", hybrid_mixing, _ref_policy.HYBRID_MIXINGS),
+        hybrid_alpha=_real("hybrid_alpha", hybrid_alpha, minimum=0.0, maximum=1.0),
+        seq_clip_low=_real("seq_clip_low", seq_clip_low, minimum=0.0, optional=True),
+        seq_clip_high=_real("seq_clip_high", seq_clip_high, minimum=-1.0, exclusive=True, optional=True),
+        log_ratio_clamp=_real("log_ratio_clamp", log_ratio_clamp, minimum=0.0, exclusive=True, optional=True),
+    )
+
+
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3", *, backend: str | None = None):
     r"""Per-token KL estimate between the policy and a reference policy.
 
@@ -468,32 +522,14 @@ def policy_loss(
     _float_tensor("rollout_logp", rollout_logp, logp.shape, ref=logp, optional=True)
     _float_tensor("entropy", entropy, logp.shape, ref=logp, optional=True)
 
-    params = PolicyParams(
-        surrogate=_choice("surrogate", surrogate, SURROGATES),
-        ratio=_choice("ratio", ratio, RATIOS),
-        clip_low=_real("clip_low", clip_low, minimum=0.0),
-        clip_high=_real("clip_high", clip_low if clip_high is None else clip_high, minimum=-1.0, exclusive=True),
-        clip_ratio_c=_real("clip_ratio_c", clip_ratio_c, minimum=1.0, exclusive=True, optional=True),
-        delta=_real("delta", delta, minimum=0.0, exclusive=True, optional=True),
-        beta=_real("beta", beta),
-        kl=_choice("kl", kl, KL_KINDS),
-        use_bias_correction_kl=check.boolean("use_bias_correction_kl", use_bias_correction_kl),
-        rollout_correction=_choice("rollout_correction", rollout_correction, (None,) + ROLLOUT_CORRECTIONS),
-        rollout_cap=_real("rollout_cap", rollout_cap, minimum=0.0, exclusive=True, optional=True),
-        rollout_cap_low=_real("rollout_cap_low", rollout_cap_low, minimum=0.0, optional=True),
-        entropy_coef=_real("entropy_coef", entropy_coef),
-        aggregation=_choice("aggregation", aggregation, AGGREGATIONS),
-        kl_aggregation=_choice("kl_aggregation", kl_aggregation, (None,) + AGGREGATIONS),
-        entropy_aggregation=_choice("entropy_aggregation", entropy_aggregation, (None,) + AGGREGATIONS),
-        exclude_empty_rows=check.boolean("exclude_empty_rows", exclude_empty_rows),
-        cispo_bounds=_choice("cispo_bounds", cispo_bounds, _ref_policy.CISPO_BOUNDS),
-        tau_pos=_real("tau_pos", tau_pos, minimum=0.0, exclusive=True),
-        tau_neg=_real("tau_neg", tau_neg, minimum=0.0, exclusive=True),
-        hybrid_mixing=_choice("hybrid_mixing", hybrid_mixing, _ref_policy.HYBRID_MIXINGS),
-        hybrid_alpha=_real("hybrid_alpha", hybrid_alpha, minimum=0.0, maximum=1.0),
-        seq_clip_low=_real("seq_clip_low", seq_clip_low, minimum=0.0, optional=True),
-        seq_clip_high=_real("seq_clip_high", seq_clip_high, minimum=-1.0, exclusive=True, optional=True),
-        log_ratio_clamp=_real("log_ratio_clamp", log_ratio_clamp, minimum=0.0, exclusive=True, optional=True),
+    params = _policy_params(
+        surrogate=surrogate, ratio=ratio, clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c,
+        delta=delta, beta=beta, kl=kl, use_bias_correction_kl=use_bias_correction_kl,
+        rollout_correction=rollout_correction, rollout_cap=rollout_cap, rollout_cap_low=rollout_cap_low,
+        entropy_coef=entropy_coef, aggregation=aggregation, kl_aggregation=kl_aggregation,
+        entropy_aggregation=entropy_aggregation, exclude_empty_rows=exclude_empty_rows, cispo_bounds=cispo_bounds,
+        tau_pos=tau_pos, tau_neg=tau_neg, hybrid_mixing=hybrid_mixing, hybrid_alpha=hybrid_alpha,
+        seq_clip_low=seq_clip_low, seq_clip_high=seq_clip_high, log_ratio_clamp=log_ratio_clamp,
     )
     _check_policy_combination(params, ref_logp, rollout_logp, entropy)
     counts = dict(
