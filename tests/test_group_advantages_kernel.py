@@ -194,7 +194,9 @@ def test_deterministic_repeats_and_threads():
     hashed = torch.randperm(N, generator=g) % 1999 * 1_000_003  # a wide range: hashed
     direct = torch.randperm(N, generator=g) % 1999 * 3  # a small range: the bitmap
     mask = torch.rand(N, 2, generator=g) > 0.3
-    layouts = (dict(group_ids=hashed), dict(group_ids=direct), dict(group_size=14))
+    # runs of 16: 4,375 runs, so the 2-thread split falls inside a block of 4 runs (float64 below,
+    # where a last-bit difference between the 4-lane and the single-run paths would show)
+    layouts = (dict(group_ids=hashed), dict(group_ids=direct), dict(group_size=16))
     configs = (dict(), dict(combine="normalize_then_sum"), dict(combine="sum_then_normalize", estimator="rloo"),
                dict(estimator="grpo_passk"), dict(estimator="opo", mask=mask), dict(scale="batch"))
     runs = []
@@ -205,7 +207,8 @@ def test_deterministic_repeats_and_threads():
             for layout in layouts:
                 for kw in configs:
                     x = R if "combine" in kw else R[:, 0]
-                    runs.append((threads, fusedrl.group_advantages(x, **layout, backend="cpu", **kw)))
+                    for dtype in (torch.float32, torch.float64):
+                        runs.append((threads, fusedrl.group_advantages(x.to(dtype), **layout, backend="cpu", **kw)))
     finally:
         torch.set_num_threads(before)
     first = [r for t, r in runs if t == 1]
