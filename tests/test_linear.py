@@ -94,6 +94,17 @@ def test_bad_input():
         fusedrl.linear_logprobs(hidden, weight, labels[:2])
 
 
+def test_default_chunk_size():
+    """About 128 MiB of logits per chunk, never fewer than 512 tokens (GEMM throughput), at most N."""
+    from fusedrl.linear import default_chunk_size
+
+    assert default_chunk_size(4096, 32000, torch.float32) == 128 * 2**20 // (32000 * 4)  # 1048 tokens
+    assert default_chunk_size(4096, 32000, torch.bfloat16) == 2097
+    assert default_chunk_size(4096, 151936, torch.float32) == 512  # 128 MiB would be 220 tokens
+    assert default_chunk_size(300, 151936, torch.float32) == 300
+    assert default_chunk_size(0, 151936, torch.float32) == 1
+
+
 PEAK = r"""
 import sys, torch, fusedrl
 N, H, V = int(sys.argv[1]), 64, 32000

@@ -306,7 +306,7 @@ class LinearPolicyLoss(PolicyLoss):
     Args:
         temperature: applied to the logits of the policy and of the reference (> 0).
         chunk_size: tokens per chunk of :func:`fusedrl.linear_logprobs` (None: about 128 MiB of
-            logits per chunk).
+            logits per chunk, at least 512 tokens).
         **options: keyword options of :func:`fusedrl.policy_loss` (as :class:`PolicyLoss`).
 
     ``forward(hidden, weight, labels, old_logp, advantages, mask, *, bias=None, ref_hidden=None,
