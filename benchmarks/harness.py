@@ -8,7 +8,9 @@ Every (case, config, implementation) runs in a fresh child process, which
      implementation runs fewer (at least 1 warm-up and 3 timed steps) so that its steps take
      about STEP_BUDGET_S seconds: many repeats for the sub-millisecond kernels cost no more than
      the peers' second-long loops.
-The parent prints a table, writes <case>.json and a PNG plot to --out, and rewrites the case's
+With --rounds R, each config runs its implementations R times in alternating order (a fresh child
+each time) and pools their timed steps, so that a slow phase of a shared machine hits every
+implementation alike; the memory is the first round's. The parent prints a table, writes <case>.json and a PNG plot to --out, and rewrites the case's
 section of benchmarks/RESULTS.md with the ratios measured side by side in this one run, the
 command, the machine and the versions.
 """
@@ -144,6 +146,18 @@ def run_child(case: str, impl: str, cfg: dict, args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def pool_rounds(results: list[dict]) -> dict:
+    """One implementation's result over the rounds (one child process each): the timed steps pooled
+    (median and min over all of them), the first round's peak memory (every round's is kept)."""
+    failed = [r for r in results if "error" in r]
+    if failed or len(results) == 1:
+        return (failed or results)[0]
+    times = sorted(t for r in results for t in r["times_s"])
+    pooled = dict(results[0], times_s=times, median_s=times[len(times) // 2], min_s=times[0])
+    pooled["rounds"] = [{k: r[k] for k in ("median_s", "peak_extra_bytes")} for r in results]
+    return pooled
+
+
 def fmt_mb(b):
     return "-" if b is None else f"{b / 2**20:,.0f}"
 
@@ -262,6 +276,10 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="small shapes (a smoke run; RESULTS.md is not touched)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every implementation of a config this many times, in alternating order, each in a "
+                        "fresh process with --repeats timed steps; the steps are pooled (a noisy machine's drift "
+                        "then hits every implementation alike)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--out", type=Path, default=ROOT / "results")
@@ -287,13 +305,17 @@ def main(argv=None):
         mod = CASES[name]
         rows = []
         for cfg in mod.configs(args.quick):
-            for impl in mod.IMPLS:
-                if args.impls and impl not in args.impls and impl != "fusedrl":
-                    continue
-                r = run_child(name, impl, cfg, args)
-                rows.append({"case": name, "impl": impl, "config": cfg, "result": r})
-                shown = f"{r['median_s'] * 1e3:10.1f} ms  peak +{fmt_mb(r['peak_extra_bytes']):>7} MB" if "error" not in r else f"failed: {r['error']}"
-                print(f"{name:10s} {config_label(cfg):40s} {impl:10s} {shown}", flush=True)
+            impls = [i for i in mod.IMPLS if not args.impls or i in args.impls or i == "fusedrl"]
+            results: dict[str, list] = {impl: [] for impl in impls}
+            for k in range(args.rounds):  # rounds alternate the order: a drift of the machine hits every impl
+                for impl in impls if k % 2 == 0 else impls[::-1]:
+                    r = run_child(name, impl, cfg, args)
+                    results[impl].append(r)
+                    shown = f"{r['median_s'] * 1e3:10.1f} ms  peak +{fmt_mb(r['peak_extra_bytes']):>7} MB" if "error" not in r else f"failed: {r['error']}"
+                    tag = f" (round {k + 1})" if args.rounds > 1 else ""
+                    print(f"{name:10s} {config_label(cfg):40s} {impl:10s} {shown}{tag}", flush=True)
+            for impl in impls:
+                rows.append({"case": name, "impl": impl, "config": cfg, "result": pool_rounds(results[impl])})
         all_rows[name] = rows
         sections[name] = render_case(mod, rows)
         print(sections[name])

@@ -24,3 +24,14 @@ def test_every_impl_runs_and_renders(case):
         rows.append({"case": case, "impl": impl, "config": cfg, "result": r})
     text = harness.render_case(mod, rows)
     assert "| fusedrl |" in text and "time / fusedrl" in text
+
+
+def test_rounds_pool_the_timed_steps():
+    a = {"median_s": 2.0, "min_s": 1.0, "times_s": [1.0, 2.0, 9.0], "peak_extra_bytes": 10}
+    b = {"median_s": 5.0, "min_s": 4.0, "times_s": [4.0, 5.0, 6.0], "peak_extra_bytes": 12}
+    pooled = harness.pool_rounds([a, b])
+    assert pooled["times_s"] == [1.0, 2.0, 4.0, 5.0, 6.0, 9.0]
+    assert pooled["median_s"] == 5.0 and pooled["min_s"] == 1.0
+    assert pooled["peak_extra_bytes"] == 10 and [r["peak_extra_bytes"] for r in pooled["rounds"]] == [10, 12]
+    assert harness.pool_rounds([a]) is a
+    assert "error" in harness.pool_rounds([a, {"error": "boom"}])
