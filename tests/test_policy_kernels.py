@@ -8,6 +8,7 @@ torch.compile), every ISA variant, and bad input. The Triton twin has tests/test
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -210,6 +211,43 @@ def test_local_path_packed_and_strided(case):
     assert error(got, want) < 1e-5, error(got, want)
 
 
+GSPO = dict(clip_low=3e-4, clip_high=4e-4)
+LOCAL_SEQUENCE = [  # the sequence level with the clip surrogates: local_rows<..., SEQ> (k1: the tile path)
+    dict(ratio="sequence", kl=kl, rollout_correction=rc, rollout_cap=1.5, rollout_cap_low=0.7, **extra, **KL_ALL,
+         **ENT)
+    for extra in ({}, GSPO, dict(GSPO, clip_ratio_c=2.0), dict(delta=1.05))
+    for kl in ("k3", "low_var_kl", "k1")
+    for rc in (None, "token_truncate", "token_mask", "icepop")
+][::2]
+
+
+@pytest.mark.parametrize("case", LOCAL_SEQUENCE, ids=[_case_id(c) for c in LOCAL_SEQUENCE])
+def test_sequence_level_long_rows_with_a_padded_tile(case):
+    """GSPO's level in float32: rows of 700 tokens, a padded middle tile, per-token advantages
+    and a float mask (the row's share of d s / d x over the scratch row), against the float64
+    gold to 1e-5; unclipped (clip 0.2) and clipped (GSPO's 3e-4 / 4e-4) rows."""
+    d = make_inputs(6, 700, torch.float32, seed=37, per_token_adv=True, mask="float", scale=0.3)
+    d["mask"][:, 256:512] = 0
+    d["old_logp"][::2] += 0.01  # half the rows' s outside GSPO's trust region
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        got = run("cpu", d, aggregation=agg, **case)
+        want = run("torch", gold(d), aggregation=agg, **case)
+        assert error(got, want) < 1e-5, (agg, error(got, want))
+        assert torch.equal(got[2][:, 256:512], torch.zeros(6, 256))
+
+
+@pytest.mark.parametrize("case", LOCAL_SEQUENCE[::5], ids=[_case_id(c) for c in LOCAL_SEQUENCE[::5]])
+def test_sequence_level_packed_and_strided(case):
+    d, cu = pack(make_inputs(4, 300, torch.float32, seed=41, per_token_adv=True, mask="float"))
+    got = run("cpu", d, cu_seqlens=cu.to(torch.int32), **case)
+    want = run("torch", gold(d), cu_seqlens=cu, **case)
+    assert error(got, want) < 1e-5, error(got, want)
+    d = make_inputs(3, 600, torch.float32, seed=43, mask="int32")
+    s = {k: (v[:, ::2] if v is not None and v.dim() == 2 else v) for k, v in d.items()}
+    got, want = run("cpu", s, **case), run("torch", gold(s), **case)
+    assert error(got, want) < 1e-5, error(got, want)
+
+
 def test_no_old_logp_strided_and_no_entropy_grad():
     d = without(make_inputs(3, 12, torch.float64, seed=9, per_token_adv=True), "old_logp")
     s = {k: (v[:, ::2] if v is not None and v.dim() == 2 else v) for k, v in d.items()}
@@ -221,11 +259,12 @@ def test_no_old_logp_strided_and_no_entropy_grad():
 def test_clamp_off_overflow_keeps_padding_exact():
     """log_ratio_clamp=None with an overflowing sequence ratio: padded tokens still get an exact
     zero gradient (selected, never 0 * inf)."""
-    d = make_inputs(3, 5, torch.float64, seed=4)
-    d["old_logp"] = d["logp"] - 800.0
-    got = run("cpu", d, ratio="sequence", log_ratio_clamp=None)
-    padded = d["mask"] == 0
-    assert torch.equal(got[2][padded], torch.zeros_like(got[2][padded]))
+    for dtype in (torch.float64, torch.float32):  # the tile path, the local path (float32)
+        d = make_inputs(3, 5, dtype, seed=4)
+        d["old_logp"] = d["logp"] - 800.0
+        gx = run("cpu", d, ratio="sequence", log_ratio_clamp=None)[2]
+        padded = d["mask"] == 0
+        assert torch.equal(gx[padded], torch.zeros_like(gx[padded]))
 
 
 def test_upstream_gradient_scales():
@@ -326,15 +365,20 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(x.grad, y.grad)
 
 
+ISA_CASES = [  # the tile path (cumulative, hybrid, sapo) and the local path (token and sequence levels)
+    dict(ratio="cumulative", beta=0.1, entropy_coef=0.01),
+    dict(ratio="hybrid", rollout_correction="token_mask", rollout_cap=1.3, beta=0.1, kl="k3"),
+    dict(surrogate="sapo", rollout_correction="token_truncate", rollout_cap=1.2),
+    dict(rollout_correction="token_truncate", rollout_cap=1.2, beta=0.1, kl="k3", clip_ratio_c=2.0),
+    dict(ratio="sequence", clip_low=3e-4, clip_high=4e-4, beta=0.1, kl="low_var_kl", entropy_coef=0.01),
+]
 CHILD = r"""
-import sys, torch, fusedrl
+import json, sys, torch, fusedrl
 sys.path.insert(0, sys.argv[2])
 from policy_cases import make_inputs, run
 out = {}
-for i, case in enumerate([dict(ratio="cumulative", beta=0.1, entropy_coef=0.01),
-                          dict(ratio="hybrid", rollout_correction="token_mask", rollout_cap=1.3, beta=0.1, kl="k3"),
-                          dict(surrogate="sapo", rollout_correction="token_truncate", rollout_cap=1.2)]):
-    d = make_inputs(4, 300, torch.float32, seed=i, mask="float")
+for i, case in enumerate(json.loads(sys.argv[3])):
+    d = make_inputs(4, 300, torch.float32, seed=i, mask="float", per_token_adv=i % 2 == 1)
     out[i] = run("cpu", d, **case)
 torch.save(out, sys.argv[1])
 """
@@ -344,16 +388,13 @@ torch.save(out, sys.argv[1])
 def test_isa_variants_agree(isa, tmp_path):
     path = tmp_path / "out.pt"
     here = os.path.dirname(__file__)
-    subprocess.run([sys.executable, "-c", CHILD, str(path), here], check=True,
+    subprocess.run([sys.executable, "-c", CHILD, str(path), here, json.dumps(ISA_CASES)], check=True,
                    env=dict(os.environ, FUSEDRL_CPU_ISA=isa))
     out = torch.load(path)
-    from policy_cases import make_inputs as mk  # noqa: PLC0415
-
-    for i, case in enumerate([dict(ratio="cumulative", beta=0.1, entropy_coef=0.01),
-                              dict(ratio="hybrid", rollout_correction="token_mask", rollout_cap=1.3, beta=0.1, kl="k3"),
-                              dict(surrogate="sapo", rollout_correction="token_truncate", rollout_cap=1.2)]):
-        want = run("torch", gold(mk(4, 300, torch.float32, seed=i, mask="float")), **case)
-        assert error(out[i], want) < 1e-5
+    for i, case in enumerate(ISA_CASES):
+        want = run("torch", gold(make_inputs(4, 300, torch.float32, seed=i, mask="float", per_token_adv=i % 2 == 1)),
+                   **case)
+        assert error(out[i], want) < 1e-5, (case, error(out[i], want))
 
 
 # ---------------------------------------------------------------------------------------------

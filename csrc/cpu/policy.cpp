@@ -5,9 +5,9 @@
 // Rows (sequences) are spread over OpenMP threads; a row is walked in tiles of kTile tokens (a
 // tile that is all padding is not computed: its gradient is zero). Each tile is loaded once (every
 // operand converted to the accumulation type A). The token ratio level with the clip or CISPO
-// surrogate (GRPO, DAPO, Dr.GRPO, dual clip, CISPO: the common configurations) then takes the
-// local path: one loop computes each token in registers, one template instance per surrogate x
-// KL kind x rollout mode (local_rows). Every other configuration takes the tile path: one short
+// surrogate (GRPO, DAPO, Dr.GRPO, dual clip, CISPO: the common configurations) and the sequence
+// level with the clip surrogate (GSPO) then take the local path: one loop computes each token in
+// registers, one template instance per surrogate x KL kind x rollout mode (local_rows). Every other configuration takes the tile path: one short
 // loop per stage (ratio, surrogate, rollout, KL, combine) whose option switch sits outside the
 // loop, so every loop vectorizes whatever the options. Row-coupled levels (sequence,
 // hybrid: a row sum; cumulative: a suffix sum) keep the row's partial gradient in a per-thread
@@ -477,6 +477,15 @@ FUSEDRL_HD A chain(A m, A gq, A bg, A l_dw, A l_dwc, A l_dx, A dkl_w, A dkl_x, A
   return *dw * pw + *dwc * pwc;
 }
 
+// Row-coupled levels (sequence, hybrid): every valid token's gradient gets m_t dL/ds ds/d(sum m rho),
+// with ds = s s_pass / n per unit of m rho (dlds: the row's sum of dL/dw rw + dL/dwc rwc).
+template <typename A>
+FUSEDRL_HD void add_sequence_share(int64_t len, const Row<A>& row, double dlds, A* gx_row, const A* m_row) {
+  const A k = A(dlds) * row.s * row.s_pass / row.count_div;
+#pragma omp simd
+  for (int64_t t = 0; t < len; ++t) gx_row[t] = m_row[t] != A(0) ? gx_row[t] + m_row[t] * k : A(0);
+}
+
 template <typename A> FUSEDRL_HD void loss_rows(const Work<A>& wk, int64_t r0, int64_t r1) {
   const PolicyArgs& a = *wk.a;
   const Options& o = a.opt;
@@ -564,11 +573,7 @@ template <typename A> FUSEDRL_HD void loss_rows(const Work<A>& wk, int64_t r0, i
         store(a.grad_entropy, i, start, t0, n, T.g);
       }
     }
-    if (want_gx && coupled) {  // dL/dx_t += m_t dL/ds ds/d(sum m rho) with ds = s / n per unit of m rho
-      const A k = A(dlds) * row.s * row.s_pass / row.count_div;
-#pragma omp simd
-      for (int64_t t = 0; t < len; ++t) gx_row[t] = m_row[t] != A(0) ? gx_row[t] + m_row[t] * k : A(0);
-    }
+    if (want_gx && coupled) add_sequence_share(len, row, dlds, gx_row, m_row);
     if (want_gx && cumulative) {  // c_t = sum_{t'<=t} m rho: dL/dx_t = direct_t + m_t sum_{t'>=t} dL/dc_t'
       double suffix = 0;
       for (int64_t t = len - 1; t >= 0; --t) {
@@ -590,45 +595,67 @@ template <typename A> FUSEDRL_HD void loss_rows(const Work<A>& wk, int64_t r0, i
 // in registers (no stage arrays: those loads and stores were 3/4 of the tile path's time).
 // SUR (a LocalSurrogate), KL (-1: no KL term) and ROLL (0 none, 1 truncate, 2 mask / icepop) are
 // template arguments (one instance per combination, chosen once per call); the per-token math is
-// the tile path's.
+// the tile path's. SEQ: GSPO's sequence level with the clip surrogates (KL none, k3 or low_var_kl):
+// every token's ratio is the row's s_i from the statistics pass, so the loop is the same but for
+// the row's share of d s_i / d x_t, added to the row's gradient in the scratch row at its end.
 enum LocalSurrogate : int { kLocalClip = 0, kLocalClipExtra = 1, kLocalCispo = 2 };  // extra: dual clip or delta
 
-template <int SUR, int KL, int ROLL, typename A> FUSEDRL_HD void local_rows(const Work<A>& wk, int64_t r0, int64_t r1) {
+template <int SUR, int KL, int ROLL, bool SEQ, typename A>
+FUSEDRL_HD void local_rows(const Work<A>& wk, int64_t r0, int64_t r1) {
   const PolicyArgs& a = *wk.a;
   const Options o = a.opt;
   Tile<A>& T = *wk.tile;
   const bool want_gx = a.grad_logp.p != nullptr, want_gh = a.grad_entropy.p != nullptr;
   const bool has_h = a.entropy.p != nullptr;
-  const int which = kHaveMask | kX | kO | kAdv | (KL >= 0 ? kRef : 0) | (ROLL ? kMu : 0) | (has_h ? kH : 0);
+  const int which = kHaveMask | kX | (SEQ && !ROLL ? 0 : kO) | kAdv | (KL >= 0 ? kRef : 0) | (ROLL ? kMu : 0) |
+                    (has_h ? kH : 0);
   const A lo = lower_bound(A(o.lo), o.clip_below), hi = A(o.hi);  // -inf: only the upper bound clips
   const bool below = true;  // (the bool in the loop's selects would stop the vectorizer)
+  // SEQ (GSPO's sequence level): the gradient goes to the scratch row, finished by the row's share
+  A* gx_row = wk.scratch;
+  A* m_row = wk.scratch + wk.longest;
   for (int64_t i = r0; i < r1; ++i) {
     int64_t start, len;
     row_span(a, i, &start, &len);
     const A g = A(a.coef[3 * i]), bg = A(o.beta * a.coef[3 * i + 1]), eg = A(o.entropy_coef * a.coef[3 * i + 2]);
-    double s_sur = 0, s_kl = 0, s_h = 0, cnt = 0, c_low = 0, c_high = 0, c_dual = 0, s_w = 0, s_q = 0;
+    // the sequence ratio s_i and its trust region: constants of the row (the statistics pass)
+    Row<A> row{};
+    if (SEQ) row = row_quantities<A>(a.stats + i * kNumStats, o);
+    const A s_wc = SEQ ? clip_ratio(row.s, lo, hi, below) : A(0);
+    const A s_pc = SEQ ? clip_ratio_pass(row.s, lo, hi, below) : A(0);
+    double s_sur = 0, s_kl = 0, s_h = 0, cnt = 0, c_low = 0, c_high = 0, c_dual = 0, s_w = 0, s_q = 0, dlds = 0;
     for (int64_t t0 = 0; t0 < len; t0 += kTile) {
       const int64_t n_tile = std::min(kTile, len - t0);
       // tokens past the tile's last valid one (right padding) are not computed: zero gradients
       const int64_t n = wk.load_mask(a, i, start, t0, n_tile, T);
       std::fill(T.g + n, T.g + n_tile, A(0));
       if (n == 0) {
-        if (want_gx) wk.store(a.grad_logp, i, start, t0, n_tile, T.g);
+        if (want_gx && SEQ) {
+          std::fill(gx_row + t0, gx_row + t0 + n_tile, A(0));
+          std::fill(m_row + t0, m_row + t0 + n_tile, A(0));
+        } else if (want_gx) {
+          wk.store(a.grad_logp, i, start, t0, n_tile, T.g);
+        }
         if (want_gh) wk.store(a.grad_entropy, i, start, t0, n_tile, T.g);
         continue;
       }
       wk.load(a, i, start, t0, n, which, T);
       // the tile's sums (KL and rollout weight only when the options make them vary; entropy below)
-      A t_sur = 0, t_kl = 0, t_cnt = 0, t_low = 0, t_high = 0, t_dual = 0, t_w = 0, t_q = 0;
-#pragma omp simd reduction(+ : t_sur, t_kl, t_cnt, t_low, t_high, t_dual, t_w, t_q)
+      A t_sur = 0, t_kl = 0, t_cnt = 0, t_low = 0, t_high = 0, t_dual = 0, t_w = 0, t_q = 0, t_ds = 0;
+#pragma omp simd reduction(+ : t_sur, t_kl, t_cnt, t_low, t_high, t_dual, t_w, t_q, t_ds)
       for (int64_t j = 0; j < n; ++j) {
         const A m = T.m[j], x = T.x[j], adv = T.adv[j];
         const bool ok = m != A(0);
-        const A rho = x - T.o[j];
-        const A w = exp_any(clamp_log(rho, o));
-        const A pw = w * clamp_log_pass(rho, o);
-        const A wc = clip_ratio(w, lo, hi, below);
-        const A pwc = clip_ratio_pass(w, lo, hi, below) * pw;
+        A w, pw, wc, pwc;
+        if (SEQ) {  // w = s_i for every token: no direct dependence on x_t (its share comes at the row's end)
+          w = row.s, pw = A(0), wc = s_wc, pwc = A(0);
+        } else {
+          const A rho = x - T.o[j];
+          w = exp_any(clamp_log(rho, o));
+          pw = w * clamp_log_pass(rho, o);
+          wc = clip_ratio(w, lo, hi, below);
+          pwc = clip_ratio_pass(w, lo, hi, below) * pw;
+        }
         A l, l_dw = A(0), l_dwc = A(0), l_dx = A(0), hit = A(0);
         if (SUR == kLocalClip) {
           l = clip_surrogate<false>(w, wc, adv, o, &l_dw, &l_dwc, &hit);
@@ -647,16 +674,17 @@ template <int SUR, int KL, int ROLL, typename A> FUSEDRL_HD void local_rows(cons
         A dw, dwc, dx;
         const A local = chain(m, g * q, bg, l_dw, l_dwc, l_dx, A(0), dkl, pw, pwc, &dw, &dwc, &dx);
         // padded tokens: operands cleaned to 0 give finite terms, times m = 0 (the gradient is
-        // selected: exact +0)
+        // selected: exact +0); a row's s may be inf (log_ratio_clamp=None): its sums are selected
         T.g[j] = ok ? dx + local : A(0);
-        t_sur += m * q * l;
+        t_sur += SEQ ? (ok ? m * q * l : A(0)) : m * q * l;
         if (KL >= 0) t_kl += m * kl;
         t_cnt += m;
         t_low += m * f_low;
         t_high += m * f_high;
         if (SUR == kLocalClipExtra) t_dual += m * hit;
-        t_w += m * w;
+        t_w += SEQ ? (ok ? m * w : A(0)) : m * w;
         if (ROLL) t_q += m * q;
+        if (SEQ) t_ds += ok ? dw + dwc * s_pc : A(0);  // rw = 1, rwc = the clip's pass (ratio_stage)
       }
       A t_h = 0;
       if (has_h) {
@@ -664,12 +692,23 @@ template <int SUR, int KL, int ROLL, typename A> FUSEDRL_HD void local_rows(cons
         for (int64_t j = 0; j < n; ++j) t_h += T.m[j] * T.h[j];
       }
       s_sur += t_sur, s_kl += t_kl, s_h += t_h, cnt += t_cnt, c_low += t_low, c_high += t_high;
-      c_dual += t_dual, s_w += t_w, s_q += ROLL ? t_q : t_cnt;
-      if (want_gx) wk.store(a.grad_logp, i, start, t0, n_tile, T.g);
+      c_dual += t_dual, s_w += t_w, s_q += ROLL ? t_q : t_cnt, dlds += t_ds;
+      if (want_gx && SEQ) {
+        std::copy(T.g, T.g + n_tile, gx_row + t0);
+        std::copy(T.m, T.m + n_tile, m_row + t0);
+      } else if (want_gx) {
+        wk.store(a.grad_logp, i, start, t0, n_tile, T.g);
+      }
       if (want_gh) {
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) T.g[j] = -eg * T.m[j];
         wk.store(a.grad_entropy, i, start, t0, n_tile, T.g);
+      }
+    }
+    if (want_gx && SEQ) {
+      add_sequence_share(len, row, dlds, gx_row, m_row);
+      for (int64_t t0 = 0; t0 < len; t0 += kTile) {
+        wk.store(a.grad_logp, i, start, t0, std::min(kTile, len - t0), gx_row + t0);
       }
     }
     write_row(a.rows + i * kNumOutputs, g, bg, eg, s_sur, s_kl, s_h, cnt, c_low, c_high, c_dual, s_w, s_q);
@@ -717,14 +756,14 @@ template <typename A> void set_io(Work<A>* wk) {
 template <typename A> using RowFn = void (*)(const Work<A>&, int64_t, int64_t);
 
 // The local path's instance for this CPU (float accumulation; float64 log-probs take the tile path).
-template <int SUR, int KL, int ROLL> struct Local {
+template <int SUR, int KL, int ROLL, bool SEQ> struct Local {
   FUSEDRL_TARGET_AVX512 static void avx512(const Work<float>& w, int64_t r0, int64_t r1) {
-    local_rows<SUR, KL, ROLL, float>(w, r0, r1);
+    local_rows<SUR, KL, ROLL, SEQ, float>(w, r0, r1);
   }
   FUSEDRL_TARGET_AVX2 static void avx2(const Work<float>& w, int64_t r0, int64_t r1) {
-    local_rows<SUR, KL, ROLL, float>(w, r0, r1);
+    local_rows<SUR, KL, ROLL, SEQ, float>(w, r0, r1);
   }
-  static void base(const Work<float>& w, int64_t r0, int64_t r1) { local_rows<SUR, KL, ROLL, float>(w, r0, r1); }
+  static void base(const Work<float>& w, int64_t r0, int64_t r1) { local_rows<SUR, KL, ROLL, SEQ, float>(w, r0, r1); }
   static RowFn<float> pick() {
     switch (isa_level()) {
       case kIsaAvx512: return avx512;
@@ -734,23 +773,29 @@ template <int SUR, int KL, int ROLL> struct Local {
   }
 };
 
-template <int SUR, int ROLL> RowFn<float> local_kl(int kl, bool has_ref) {
-  if (!has_ref) return Local<SUR, -1, ROLL>::pick();
-  switch (kl) {
-    case kK1: return Local<SUR, kK1, ROLL>::pick();
-    case kAbs: return Local<SUR, kAbs, ROLL>::pick();
-    case kK2: return Local<SUR, kK2, ROLL>::pick();
-    case kK3: return Local<SUR, kK3, ROLL>::pick();
-    default: return Local<SUR, kLowVar, ROLL>::pick();
+template <int SUR, int ROLL, bool SEQ> RowFn<float> local_kl(int kl, bool has_ref) {
+  if (!has_ref) return Local<SUR, -1, ROLL, SEQ>::pick();
+  if constexpr (SEQ) {  // the sequence level: instances for k3 and low_var_kl (the others take the tile path)
+    if (kl == kK3) return Local<SUR, kK3, ROLL, SEQ>::pick();
+    if (kl == kLowVar) return Local<SUR, kLowVar, ROLL, SEQ>::pick();
+    return nullptr;
+  } else {
+    switch (kl) {
+      case kK1: return Local<SUR, kK1, ROLL, SEQ>::pick();
+      case kAbs: return Local<SUR, kAbs, ROLL, SEQ>::pick();
+      case kK2: return Local<SUR, kK2, ROLL, SEQ>::pick();
+      case kK3: return Local<SUR, kK3, ROLL, SEQ>::pick();
+      default: return Local<SUR, kLowVar, ROLL, SEQ>::pick();
+    }
   }
 }
 
-template <int SUR> RowFn<float> local_rollout(const Options& o, bool has_ref) {
+template <int SUR, bool SEQ> RowFn<float> local_rollout(const Options& o, bool has_ref) {
   switch (o.rollout) {
-    case kNoRollout: return local_kl<SUR, 0>(o.kl, has_ref);
-    case kTokenTruncate: return local_kl<SUR, 1>(o.kl, has_ref);
+    case kNoRollout: return local_kl<SUR, 0, SEQ>(o.kl, has_ref);
+    case kTokenTruncate: return local_kl<SUR, 1, SEQ>(o.kl, has_ref);
     case kTokenMask:
-    case kIcepop: return local_kl<SUR, 2>(o.kl, has_ref);
+    case kIcepop: return local_kl<SUR, 2, SEQ>(o.kl, has_ref);
     default: return nullptr;
   }
 }
@@ -758,11 +803,17 @@ template <int SUR> RowFn<float> local_rollout(const Options& o, bool has_ref) {
 // The local path when the options allow it (see local_rows), else null.
 RowFn<float> local_path(const PolicyArgs& a) {
   const Options& o = a.opt;
-  if (o.ratio != kToken || o.kl_straight || o.bias_kl) return nullptr;
+  if (o.kl_straight || o.bias_kl) return nullptr;
   const bool has_ref = a.ref_logp.p != nullptr;
-  if (o.surrogate == kClip && (o.has_dual || o.has_delta)) return local_rollout<kLocalClipExtra>(o, has_ref);
-  if (o.surrogate == kClip) return local_rollout<kLocalClip>(o, has_ref);
-  if (o.surrogate == kCispo) return local_rollout<kLocalCispo>(o, has_ref);
+  const bool extra = o.has_dual || o.has_delta;
+  if (o.ratio == kSequence) {  // GSPO: clip surrogates only (the statistics pass gave s_i)
+    if (o.surrogate != kClip || a.stats == nullptr) return nullptr;
+    return extra ? local_rollout<kLocalClipExtra, true>(o, has_ref) : local_rollout<kLocalClip, true>(o, has_ref);
+  }
+  if (o.ratio != kToken) return nullptr;
+  if (o.surrogate == kClip && extra) return local_rollout<kLocalClipExtra, false>(o, has_ref);
+  if (o.surrogate == kClip) return local_rollout<kLocalClip, false>(o, has_ref);
+  if (o.surrogate == kCispo) return local_rollout<kLocalCispo, false>(o, has_ref);
   return nullptr;
 }
 
