@@ -10,7 +10,8 @@ Every (case, config, implementation) runs in a fresh child process, which
      the peers' second-long loops.
 With --rounds R, each config runs its implementations R times in alternating order (a fresh child
 each time) and pools their timed steps, so that a slow phase of a shared machine hits every
-implementation alike; the memory is the first round's. The parent prints a table, writes <case>.json and a PNG plot to --out, and rewrites the case's
+implementation alike; the memory is the first round's. fusedrl and the floor run back to back in
+each round, and the time / floor target uses the median of the rounds' ratios. The parent prints a table, writes <case>.json and a PNG plot to --out, and rewrites the case's
 section of benchmarks/RESULTS.md with the ratios measured side by side in this one run, the
 command, the machine and the versions.
 """
@@ -156,6 +157,25 @@ def pool_rounds(results: list[dict]) -> dict:
     pooled = dict(results[0], times_s=times, median_s=times[len(times) // 2], min_s=times[0])
     pooled["rounds"] = [{k: r[k] for k in ("median_s", "peak_extra_bytes")} for r in results]
     return pooled
+
+
+def pair_with_floor(rows_by_impl: dict[str, list]):
+    """With rounds, fusedrl and the floor run back to back in every round: (the median of the
+    per-round ratios fusedrl / floor, the sorted ratios), or None (one round, or a failure)."""
+    ours, floor = rows_by_impl.get("fusedrl", []), rows_by_impl.get("floor", [])
+    if len(ours) < 2 or len(ours) != len(floor) or any("error" in r for r in ours + floor):
+        return None
+    ratios = sorted(a["median_s"] / b["median_s"] for a, b in zip(ours, floor))
+    return ratios[len(ratios) // 2], ratios
+
+
+def floor_ratio(ours: dict, floor: dict) -> tuple[float, str]:
+    """fusedrl's time over the floor's, and how it was formed: the median of the per-round ratios
+    when the config ran in rounds (fusedrl and the floor back to back), else the ratio of the medians."""
+    if ours.get("paired_floor_ratio") is not None:
+        rounds = ", ".join(f"{r:.2f}" for r in ours["floor_ratios"])
+        return ours["paired_floor_ratio"], f"; the median of the rounds' back-to-back ratios {rounds}"
+    return ours["median_s"] / floor["median_s"], ""
 
 
 def fmt_mb(b):
@@ -306,6 +326,8 @@ def main(argv=None):
         rows = []
         for cfg in mod.configs(args.quick):
             impls = [i for i in mod.IMPLS if not args.impls or i in args.impls or i == "fusedrl"]
+            if "floor" in impls:  # fusedrl and the floor back to back in every round (reversed or not)
+                impls = ["fusedrl", "floor"] + [i for i in impls if i not in ("fusedrl", "floor")]
             results: dict[str, list] = {impl: [] for impl in impls}
             for k in range(args.rounds):  # rounds alternate the order: a drift of the machine hits every impl
                 for impl in impls if k % 2 == 0 else impls[::-1]:
@@ -314,8 +336,13 @@ def main(argv=None):
                     shown = f"{r['median_s'] * 1e3:10.1f} ms  peak +{fmt_mb(r['peak_extra_bytes']):>7} MB" if "error" not in r else f"failed: {r['error']}"
                     tag = f" (round {k + 1})" if args.rounds > 1 else ""
                     print(f"{name:10s} {config_label(cfg):40s} {impl:10s} {shown}{tag}", flush=True)
-            for impl in impls:
-                rows.append({"case": name, "impl": impl, "config": cfg, "result": pool_rounds(results[impl])})
+            pooled = {impl: pool_rounds(results[impl]) for impl in impls}
+            paired = pair_with_floor(results)
+            if paired and "error" not in pooled["fusedrl"]:
+                pooled["fusedrl"] = dict(pooled["fusedrl"], paired_floor_ratio=paired[0], floor_ratios=paired[1])
+            for impl in mod.IMPLS:  # the case's order in the tables
+                if impl in pooled:
+                    rows.append({"case": name, "impl": impl, "config": cfg, "result": pooled[impl]})
         all_rows[name] = rows
         sections[name] = render_case(mod, rows)
         print(sections[name])

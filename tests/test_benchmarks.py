@@ -35,3 +35,16 @@ def test_rounds_pool_the_timed_steps():
     assert pooled["peak_extra_bytes"] == 10 and [r["peak_extra_bytes"] for r in pooled["rounds"]] == [10, 12]
     assert harness.pool_rounds([a]) is a
     assert "error" in harness.pool_rounds([a, {"error": "boom"}])
+
+
+def test_floor_ratio_pairs_the_rounds():
+    ours = [{"median_s": 2.2}, {"median_s": 3.0}, {"median_s": 2.0}]
+    floor = [{"median_s": 2.0}, {"median_s": 2.0}, {"median_s": 2.0}]
+    median, ratios = harness.pair_with_floor({"fusedrl": ours, "floor": floor})
+    assert ratios == [1.0, 1.1, 1.5] and median == 1.1
+    assert harness.pair_with_floor({"fusedrl": ours[:1], "floor": floor[:1]}) is None
+    assert harness.pair_with_floor({"fusedrl": ours, "floor": floor[:2]}) is None
+    x, how = harness.floor_ratio({"median_s": 2.2, "paired_floor_ratio": median, "floor_ratios": ratios},
+                                 {"median_s": 2.0})
+    assert x == 1.1 and "1.00, 1.10, 1.50" in how
+    assert harness.floor_ratio({"median_s": 3.0}, {"median_s": 2.0}) == (1.5, "")
