@@ -183,6 +183,15 @@ LOCAL_PATH = [  # token ratio level, clip / CISPO: csrc/cpu/policy.cpp local_row
     for rc in (None, "token_truncate", "token_mask", "icepop")
 ][::3]
 
+GSPO = dict(clip_low=3e-4, clip_high=4e-4)
+LOCAL_SEQUENCE = [  # the sequence level with the clip surrogates: local_rows<..., SEQ> (k1: the tile path)
+    dict(ratio="sequence", kl=kl, rollout_correction=rc, rollout_cap=1.5, rollout_cap_low=0.7, **extra, **KL_ALL,
+         **ENT)
+    for extra in ({}, GSPO, dict(GSPO, clip_ratio_c=2.0), dict(delta=1.05))
+    for kl in ("k3", "low_var_kl", "k1")
+    for rc in (None, "token_truncate", "token_mask", "icepop")
+][::2]
+
 
 @pytest.mark.parametrize("case", LOCAL_PATH, ids=[_case_id(c) for c in LOCAL_PATH])
 def test_local_path_long_rows_with_a_padded_tile(case):
@@ -196,10 +205,13 @@ def test_local_path_long_rows_with_a_padded_tile(case):
     assert torch.equal(got[2][:, 256:512], torch.zeros(3, 256))
 
 
-@pytest.mark.parametrize("case", LOCAL_PATH[::4], ids=[_case_id(c) for c in LOCAL_PATH[::4]])
+PACKED_AND_STRIDED = LOCAL_PATH[::4] + LOCAL_SEQUENCE[::5]
+
+
+@pytest.mark.parametrize("case", PACKED_AND_STRIDED, ids=[_case_id(c) for c in PACKED_AND_STRIDED])
 def test_local_path_packed_and_strided(case):
-    """The token-level path on the packed layout (int32 offsets) and on strided [B, T] views,
-    float32, against the float64 gold to 1e-5."""
+    """The local path (token and sequence levels) on the packed layout (int32 offsets) and on
+    strided [B, T] views, float32, against the float64 gold to 1e-5."""
     d, cu = pack(make_inputs(4, 300, torch.float32, seed=29, per_token_adv=True, mask="float"))
     got = run("cpu", d, cu_seqlens=cu.to(torch.int32), **case)
     want = run("torch", gold(d), cu_seqlens=cu, **case)
@@ -209,16 +221,6 @@ def test_local_path_packed_and_strided(case):
     assert not s["logp"].is_contiguous()
     got, want = run("cpu", s, **case), run("torch", gold(s), **case)
     assert error(got, want) < 1e-5, error(got, want)
-
-
-GSPO = dict(clip_low=3e-4, clip_high=4e-4)
-LOCAL_SEQUENCE = [  # the sequence level with the clip surrogates: local_rows<..., SEQ> (k1: the tile path)
-    dict(ratio="sequence", kl=kl, rollout_correction=rc, rollout_cap=1.5, rollout_cap_low=0.7, **extra, **KL_ALL,
-         **ENT)
-    for extra in ({}, GSPO, dict(GSPO, clip_ratio_c=2.0), dict(delta=1.05))
-    for kl in ("k3", "low_var_kl", "k1")
-    for rc in (None, "token_truncate", "token_mask", "icepop")
-][::2]
 
 
 @pytest.mark.parametrize("case", LOCAL_SEQUENCE, ids=[_case_id(c) for c in LOCAL_SEQUENCE])
@@ -234,18 +236,6 @@ def test_sequence_level_long_rows_with_a_padded_tile(case):
         want = run("torch", gold(d), aggregation=agg, **case)
         assert error(got, want) < 1e-5, (agg, error(got, want))
         assert torch.equal(got[2][:, 256:512], torch.zeros(6, 256))
-
-
-@pytest.mark.parametrize("case", LOCAL_SEQUENCE[::5], ids=[_case_id(c) for c in LOCAL_SEQUENCE[::5]])
-def test_sequence_level_packed_and_strided(case):
-    d, cu = pack(make_inputs(4, 300, torch.float32, seed=41, per_token_adv=True, mask="float"))
-    got = run("cpu", d, cu_seqlens=cu.to(torch.int32), **case)
-    want = run("torch", gold(d), cu_seqlens=cu, **case)
-    assert error(got, want) < 1e-5, error(got, want)
-    d = make_inputs(3, 600, torch.float32, seed=43, mask="int32")
-    s = {k: (v[:, ::2] if v is not None and v.dim() == 2 else v) for k, v in d.items()}
-    got, want = run("cpu", s, **case), run("torch", gold(s), **case)
-    assert error(got, want) < 1e-5, error(got, want)
 
 
 def test_no_old_logp_strided_and_no_entropy_grad():
