@@ -7,12 +7,12 @@
 // operand converted to the accumulation type A). The token ratio level with the clip or CISPO
 // surrogate (GRPO, DAPO, Dr.GRPO, dual clip, CISPO: the common configurations) and the sequence
 // level with the clip surrogate (GSPO) then take the local path: one loop computes each token in
-// registers, one template instance per surrogate x KL kind x rollout mode (local_rows). Every other configuration takes the tile path: one short
-// loop per stage (ratio, surrogate, rollout, KL, combine) whose option switch sits outside the
-// loop, so every loop vectorizes whatever the options. Row-coupled levels (sequence,
-// hybrid: a row sum; cumulative: a suffix sum) keep the row's partial gradient in a per-thread
-// scratch row (L1/L2-resident) and finish it in a second sweep over that scratch: the inputs are
-// still read once and the gradient written once.
+// registers, one template instance per surrogate x KL kind x rollout mode (local_rows). Every
+// other configuration takes the tile path: one short loop per stage (ratio, surrogate, rollout,
+// KL, combine) whose option switch sits outside the loop, so every loop vectorizes whatever the
+// options. Row-coupled levels (sequence, hybrid: a row sum; cumulative: a suffix sum) keep the
+// row's partial gradient in a per-thread scratch row (L1/L2-resident) and finish it in a second
+// sweep over that scratch: the inputs are still read once and the gradient written once.
 //
 // Per-row sums are accumulated in double in token order, so the results do not depend on the
 // number of threads.
