@@ -11,7 +11,8 @@ Every (case, config, implementation) runs in a fresh child process, which
 With --rounds R, each config runs its implementations R times in alternating order (a fresh child
 each time) and pools their timed steps, so that a slow phase of a shared machine hits every
 implementation alike; the memory is the first round's. fusedrl and the floor run back to back in
-each round, and the time / floor target uses the median of the rounds' ratios. The parent prints a table, writes <case>.json and a PNG plot to --out, and rewrites the case's
+each round, and the time / floor target uses the median of the rounds' ratios.
+The parent prints a table, writes <case>.json and a PNG plot to --out, and rewrites the case's
 section of benchmarks/RESULTS.md with the ratios measured side by side in this one run, the
 command, the machine and the versions.
 """

@@ -163,9 +163,9 @@ def linear_logprobs(
     Equal, values and gradients w.r.t. ``hidden``, ``weight`` and ``bias``, to
     ``token_logprobs(hidden @ weight.T + bias, labels, ...)`` (see :func:`fusedrl.token_logprobs`
     for the math), without ever holding the ``[N, V]`` logits: chunks of ``chunk_size`` tokens
-    (default: about 128 MiB of logits per chunk, at least 512 tokens) are formed by a GEMM, reduced by the log-prob kernel
-    and dropped; the backward recomputes them (module docstring). Peak extra memory: one chunk of
-    logits plus O(N), independent of N x V.
+    (default: about 128 MiB of logits per chunk, at least 512 tokens) are formed by a GEMM,
+    reduced by the log-prob kernel and dropped; the backward recomputes them (module docstring).
+    Peak extra memory: one chunk of logits plus O(N), independent of N x V.
 
     Args:
         hidden: ``[..., H]`` float32, bfloat16, float16 (or float64) hidden states.
