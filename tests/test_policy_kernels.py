@@ -238,6 +238,30 @@ def test_sequence_level_long_rows_with_a_padded_tile(case):
         assert torch.equal(got[2][:, 256:512], torch.zeros(6, 256))
 
 
+SCAN_LENGTHS = (0, 1, 31, 32, 33, 63, 64, 65, 224, 225, 255, 256, 257, 287, 288, 289, 299, 300)
+
+
+@pytest.mark.parametrize("mask", ["bool", "float"])
+@pytest.mark.parametrize("case", [LOCAL_PATH[9], LOCAL_SEQUENCE[1], dict(ratio="cumulative", **KL_ALL)],
+                         ids=["local", "local-sequence", "tile"])
+def test_right_padding_at_every_scan_block_boundary(case, mask):
+    """The padding scan from a tile's end (blocks of 32 tokens, then one by one): one row per
+    valid length around the block and tile boundaries (rows of 300 tokens: tiles of 256 + 44),
+    NaN in the padding, a float mask's padding written as -0.0; float32 against the float64 gold,
+    exact zero gradients on the padding."""
+    B, T = len(SCAN_LENGTHS), 300
+    d = make_inputs(B, T, torch.float32, seed=41, per_token_adv=True, mask=mask, empty_row=False)
+    lengths = torch.tensor(SCAN_LENGTHS)
+    tail = torch.arange(T)[None, :] >= lengths[:, None]
+    d["mask"] = d["mask"].masked_fill(tail, -0.0 if mask == "float" else False)
+    for k in ("logp", "old_logp", "advantages", "ref_logp", "rollout_logp", "entropy"):
+        d[k] = d[k].masked_fill(tail, float("nan"))
+    got = run("cpu", d, **case)
+    want = run("torch", gold(d), **case)
+    assert error(got, want) < 1e-5, error(got, want)
+    assert torch.equal(got[2][tail], torch.zeros(int(tail.sum())))
+
+
 def test_no_old_logp_strided_and_no_entropy_grad():
     d = without(make_inputs(3, 12, torch.float64, seed=9, per_token_adv=True), "old_logp")
     s = {k: (v[:, ::2] if v is not None and v.dim() == 2 else v) for k, v in d.items()}

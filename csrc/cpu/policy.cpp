@@ -112,7 +112,16 @@ template <typename A> struct Tile {
 template <typename A> FUSEDRL_HD int64_t load_mask(const PolicyArgs& a, int64_t i, int64_t start, int64_t t0, int64_t n,
                                                    Tile<A>& T) {
   load(a.mask, i, start, t0, n, T.m);
-  int64_t extent = n;  // a scan from the end: it reads only the padding it removes (and one token)
+  // a scan from the end: blocks of 32 tokens while they are all padding (vectorized: the scalar
+  // scan alone was ~8% of a step at the benchmark's 37% right padding), then token by token
+  int64_t extent = n;
+  while (extent >= 32) {
+    int any = 0;
+#pragma omp simd reduction(| : any)
+    for (int64_t j = extent - 32; j < extent; ++j) any |= T.m[j] != A(0) ? 1 : 0;
+    if (any) break;
+    extent -= 32;
+  }
   while (extent > 0 && T.m[extent - 1] == A(0)) --extent;
   return extent;
 }
