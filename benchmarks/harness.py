@@ -11,7 +11,8 @@ Every (case, config, implementation) runs in a fresh child process, which
 With --rounds R, each config runs its implementations R times in alternating order (a fresh child
 each time) and pools their timed steps, so that a slow phase of a shared machine hits every
 implementation alike; the memory is the first round's. fusedrl and the floor run back to back in
-each round, and the time / floor target uses the median of the rounds' ratios.
+each round, and the time / floor target uses the upper median of the rounds' ratios (the larger
+of two).
 The parent prints a table, writes <case>.json and a PNG plot to --out, and rewrites the case's
 section of benchmarks/RESULTS.md with the ratios measured side by side in this one run, the
 command, the machine and the versions.
@@ -161,8 +162,9 @@ def pool_rounds(results: list[dict]) -> dict:
 
 
 def pair_with_floor(rows_by_impl: dict[str, list]):
-    """With rounds, fusedrl and the floor run back to back in every round: (the median of the
-    per-round ratios fusedrl / floor, the sorted ratios), or None (one round, or a failure)."""
+    """With rounds, fusedrl and the floor run back to back in every round: (the upper median of
+    the per-round ratios fusedrl / floor, the larger of two; the sorted ratios), or None (one
+    round, or a failure)."""
     ours, floor = rows_by_impl.get("fusedrl", []), rows_by_impl.get("floor", [])
     if len(ours) < 2 or len(ours) != len(floor) or any("error" in r for r in ours + floor):
         return None
@@ -171,11 +173,12 @@ def pair_with_floor(rows_by_impl: dict[str, list]):
 
 
 def floor_ratio(ours: dict, floor: dict) -> tuple[float, str]:
-    """fusedrl's time over the floor's, and how it was formed: the median of the per-round ratios
-    when the config ran in rounds (fusedrl and the floor back to back), else the ratio of the medians."""
+    """fusedrl's time over the floor's, and how it was formed: the upper median of the per-round
+    ratios when the config ran in rounds (fusedrl and the floor back to back), else the ratio of
+    the medians."""
     if ours.get("paired_floor_ratio") is not None:
         rounds = ", ".join(f"{r:.2f}" for r in ours["floor_ratios"])
-        return ours["paired_floor_ratio"], f"; the median of the rounds' back-to-back ratios {rounds}"
+        return ours["paired_floor_ratio"], f"; the upper median of the rounds' back-to-back ratios {rounds}"
     return ours["median_s"] / floor["median_s"], ""
 
 
