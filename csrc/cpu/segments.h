@@ -39,7 +39,7 @@ struct SegmentArgs {
 
 // Group advantages of rewards [M, K] in one call (fusedrl/segments.h: GroupEstimator,
 // GroupScale, GroupCombine, GroupFinish): the group layout is either raw ids [M] (int32 or int64,
-// any values in any order; keyed here through a bitmap when their range is small, else a hash)
+// any values in any order; keyed here through a byte map when their range is small, else a hash)
 // or contiguous runs of group_size rows.
 // out [M] is in the accumulation type (fp32, fp64 for fp64 rewards). weight [M] (accumulation type)
 // is OPO's per-row length (kOpo only).

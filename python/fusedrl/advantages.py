@@ -310,7 +310,7 @@ def group_advantages(
         baseline: ``[N]`` floating point, the ReMax baseline rewards (``"remax"`` only).
         gamma: discount in [0, 1] of ``"reinforce++"`` (masked tokens are skipped, not discounted).
         backend: see :mod:`fusedrl.dispatch`. ``"cpu"``: one kernel call (``fusedrl::group_advantages``:
-            the ids keyed through a bitmap or a hash, no sort; each group's statistics, every
+            the ids keyed through a byte map or a hash, no sort; each group's statistics, every
             row's advantage, the combine and the batch whitening / normalization fused) for every
             group estimator (not remax, reinforce++) except, with ``mask``, reinforce++-baseline
             and normalize_then_sum, which whiten over tokens and are composed as on the other
