@@ -1,7 +1,7 @@
 """The one-call CPU kernel of group_advantages (fusedrl::group_advantages: densify, statistics,
 estimator, combine and batch finish fused) against the float64 gold (the reference composition on
 float64 rewards), over hypothesis layouts (shuffled raw ids in a small range and in a wide one, so
-both the direct table and the hash densify run; int32 and strided ids; singletons, one giant group,
+both the byte map and the hash densify run; int32 and strided ids; singletons, one giant group,
 fixed-size groups, zero-variance groups), every estimator it serves, every scale, both singleton
 rules, every combine, and the dtypes; determinism (repeats, 1 vs 2 threads); which configurations
 it declines; the custom op."""
@@ -174,6 +174,26 @@ def test_keyed_sums_keep_precision_in_float64():
         close(got, gold, torch.float64, R)
 
 
+@pytest.mark.parametrize("lo", [-(2**63), -5, 0, 2**63 - 71])
+def test_byte_map_numbering_every_span(lo):
+    """Ids spanning 1 to 70 values (the byte map numbers them 8 at a time: every span modulo 8 and
+    across word boundaries), holes in the span, both ends present, at the ends of int64 too:
+    each group's rows are found (against the float64 gold on the ids shifted to start at 0), and
+    the numbering does not depend on where the span starts."""
+    g = torch.Generator().manual_seed(11)
+    for span in range(1, 71):
+        present = torch.rand(span, generator=g) < 0.6
+        present[0] = present[-1] = True
+        values = torch.nonzero(present).flatten()
+        n = 3 * len(values) + 5
+        pick = torch.cat([values, values[torch.randint(0, len(values), (n - len(values),), generator=g)]])
+        pick = pick[torch.randperm(n, generator=g)]
+        R = torch.randn(n, generator=g)
+        got = fusedrl.group_advantages(R, pick + lo, backend="cpu")  # int64 wraps only at the top end
+        gold = fusedrl.group_advantages(R.double(), pick, backend="torch")
+        close(got, gold, torch.float32, R)
+
+
 def test_zero_variance_groups_and_hand_values():
     R = torch.tensor([0.3, 0.3, 0.3, 1.0, 0.0, 1.0, 5.0])
     ids = torch.tensor([10**15, 10**15, 10**15, -4, -4, -4, 2**62])  # wide: hashed
@@ -192,7 +212,7 @@ def test_deterministic_repeats_and_threads():
     N = 70000  # big enough for the kernel to use 2 threads
     R = torch.randn(N, 4, generator=g)
     hashed = torch.randperm(N, generator=g) % 1999 * 1_000_003  # a wide range: hashed
-    direct = torch.randperm(N, generator=g) % 1999 * 3  # a small range: the bitmap
+    direct = torch.randperm(N, generator=g) % 1999 * 3  # a small range: the byte map
     mask = torch.rand(N, 2, generator=g) > 0.3
     # runs of 16: 4,375 runs, so the 2-thread split falls inside a block of 4 runs (float64 below,
     # where a last-bit difference between the 4-lane and the single-run paths would show)
