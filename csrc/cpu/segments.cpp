@@ -748,7 +748,7 @@ void keyed_combine(const GaPlan& p, int phase, int64_t g0, int64_t g1) {
 }
 
 // Pass 4 over rows [r0, r1): every row's advantage (to out, or Y when not direct).
-template <typename T, typename Id, bool InPlace, bool One, int E>
+template <typename T, bool InPlace, bool One, int E>
 void keyed_rows_e(const GaPlan& p, int64_t r0, int64_t r1) {
   using acc_t = typename Acc<T>::type;
   const GroupAdvantageArgs& a = *p.a;
@@ -777,15 +777,15 @@ void keyed_rows_e(const GaPlan& p, int64_t r0, int64_t r1) {
   }
 }
 
-template <typename T, typename Id, bool InPlace, bool One>
+template <typename T, bool InPlace, bool One>
 void keyed_rows(const GaPlan& p, int64_t r0, int64_t r1) {
   switch (p.a->estimator) {
-    case kGrpo: keyed_rows_e<T, Id, InPlace, One, kGrpo>(p, r0, r1); break;
-    case kRloo: keyed_rows_e<T, Id, InPlace, One, kRloo>(p, r0, r1); break;
-    case kGpg: keyed_rows_e<T, Id, InPlace, One, kGpg>(p, r0, r1); break;
-    case kOpo: keyed_rows_e<T, Id, InPlace, One, kOpo>(p, r0, r1); break;
-    case kPassk: keyed_rows_e<T, Id, InPlace, One, kPassk>(p, r0, r1); break;
-    default: keyed_rows_e<T, Id, InPlace, One, kCentered>(p, r0, r1); break;
+    case kGrpo: keyed_rows_e<T, InPlace, One, kGrpo>(p, r0, r1); break;
+    case kRloo: keyed_rows_e<T, InPlace, One, kRloo>(p, r0, r1); break;
+    case kGpg: keyed_rows_e<T, InPlace, One, kGpg>(p, r0, r1); break;
+    case kOpo: keyed_rows_e<T, InPlace, One, kOpo>(p, r0, r1); break;
+    case kPassk: keyed_rows_e<T, InPlace, One, kPassk>(p, r0, r1); break;
+    default: keyed_rows_e<T, InPlace, One, kCentered>(p, r0, r1); break;
   }
 }
 
@@ -800,7 +800,7 @@ void keyed_all(const GaPlan& p, int64_t tid, int64_t cnt, const Barrier& barrier
     keyed_combine(p, phase, G * tid / cnt, G * (tid + 1) / cnt);
     barrier();
   }
-  keyed_rows<T, Id, InPlace, One>(p, p.M * tid / cnt, p.M * (tid + 1) / cnt);
+  keyed_rows<T, InPlace, One>(p, p.M * tid / cnt, p.M * (tid + 1) / cnt);
 }
 
 template <typename T, typename Id, bool InPlace, bool One>
