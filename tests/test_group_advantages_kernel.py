@@ -109,7 +109,7 @@ def test_one_objective_matches_gold(dtype, data, estimator, scale, singleton, id
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @HYP
-@given(data=st.data(), combine=st.sampled_from(COMBINES), K=st.integers(1, 4), scale=st.sampled_from(["group", "batch", "none"]),
+@given(data=st.data(), combine=st.sampled_from(COMBINES), K=st.integers(1, 6), scale=st.sampled_from(["group", "batch", "none"]),
        singleton=st.sampled_from(["verl", "zero"]), estimator=st.sampled_from(["grpo", "rloo", "gpg"]))
 def test_combines_match_gold(dtype, data, combine, K, scale, singleton, estimator):
     ids, size, n = data.draw(layouts())
@@ -124,6 +124,41 @@ def test_combines_match_gold(dtype, data, combine, K, scale, singleton, estimato
         kw["ideal"] = data.draw(st.lists(st.floats(-5, 5, allow_nan=False, width=32), min_size=K, max_size=K))
     got, gold, x = _run(R, ids, size, dtype, "int64", **kw)
     close(got, gold, dtype, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("K", [4, 5, 9])
+@pytest.mark.parametrize("size", [4, 8, 16, 6])
+def test_block_paths_match_gold(dtype, K, size):
+    """The kernel's 4-wide paths and their edges: runs of a multiple of 4 rows taken 4 runs at a
+    time (contiguous loads, one transpose of the sums; 9 runs: 2 blocks and a last run alone; runs
+    of 6: the gathering path), zero-variance and single-valued runs among them; rows of K
+    contiguous objectives read 4 rows x 4 columns at a time and transposed (K = 5, 9: the columns
+    after the last 4 one by one), in a wider tensor (row stride K + 3), 9 * size rows (not always
+    a multiple of 4: the last rows one by one), shuffled ids too; against the float64 gold."""
+    g = torch.Generator().manual_seed(K * 100 + size)
+    N = 9 * size
+    wide = torch.randn(N, K + 3, generator=g, dtype=torch.float64) * 3
+    wide[:size] = 1.5  # a zero-variance run
+    wide[size : 2 * size, 0] = torch.arange(size, dtype=torch.float64)
+    R = wide[:, :K]
+    weights = torch.linspace(-1.0, 2.0, K).tolist()
+    ids = torch.arange(N) // size
+    ids = ids[torch.randperm(N, generator=g)] * 5 + 2
+    for layout in (dict(group_size=size), dict(group_ids=ids)):
+        for kw in (
+            dict(),  # one column (R[:, 0], strided)
+            dict(combine="sum_then_normalize", weights=weights),
+            dict(combine="normalize_then_sum", weights=weights),
+            dict(combine="min", weights=weights),
+            dict(combine="sum_then_normalize", scale="batch"),
+        ):
+            x = (R if kw else R[:, 0]).to(dtype)
+            got = fusedrl.group_advantages(x, **layout, backend="cpu", **kw)
+            gold = fusedrl.group_advantages(x.double(), **layout, backend="torch", **kw)
+            close(got, gold, dtype, x)
+            if layout.get("group_size") and not kw:
+                assert torch.equal(got[:size], torch.zeros(size, dtype=got.dtype))  # exact zeros
 
 
 @pytest.mark.parametrize("estimator", GROUP_ESTIMATORS)

@@ -32,7 +32,7 @@ struct Sums {
 struct Scratch {
   std::vector<int64_t> slot, keys, vals, offsets, order, next, ties, first;
   std::vector<Sums> acc;
-  std::vector<double> X, W, Y, mx, wsum, wx, below, gmax, den, second;
+  std::vector<double> X, W, Y, mx, wsum, wx, below, gmax, inv, second;
   std::vector<int32_t> number, kept;
   std::vector<uint8_t> seen;
   std::vector<SegmentMoments> mom;
@@ -46,7 +46,7 @@ size_t Scratch::bytes() const {
                   order.capacity() + next.capacity() + ties.capacity() + first.capacity() +
                   X.capacity() + W.capacity() + Y.capacity() + 4 * acc.capacity() +
                   mx.capacity() + wsum.capacity() + wx.capacity() + below.capacity() + gmax.capacity() +
-                  den.capacity() + second.capacity());
+                  inv.capacity() + second.capacity());
   return b + sizeof(SegmentMoments) * mom.capacity() +
          sizeof(SegmentResult) * res.capacity();
 }
@@ -266,6 +266,70 @@ FUSEDRL_HD void moments_run4(const S* x, const WT* w, int64_t stride, int64_t n,
 #undef FUSEDRL_LANES
 }
 
+// moments_run4 for n a multiple of 4 and no weights, with contiguous loads: each run's sums in
+// one 4-lane accumulator (lane l adds the terms k = l mod 4) as in moments_run, the 4 runs' chains
+// side by side, and the 4 accumulators' lanes added by one transpose as (0 + 1) + (2 + 3): the
+// header's order. moments_run4 (lane j holds run j) gathers every value with a scalar load and an
+// insert. With the block's statistics finished together (run_block) and a multiply for the
+// division of every row: 116 -> 103 us for the kernel on groups of 16, K = 1 (65,536 rows, 1
+// thread, min of 5 alternated runs of 800 calls).
+// (d4 arguments and results: these are always inlined into an ISA variant, so -Wpsabi's ABI
+// change of a vector passed between baseline functions never happens.)
+#pragma GCC diagnostic ignored "-Wpsabi"
+FUSEDRL_HD d4 lanes4(const d4& a, const d4& b, const d4& c, const d4& d) {
+  const i4 even = {0, 4, 2, 6}, odd = {1, 5, 3, 7}, low = {0, 1, 4, 5}, high = {2, 3, 6, 7};
+  const d4 ab = __builtin_shuffle(a, b, even) + __builtin_shuffle(a, b, odd);  // a0+a1 b0+b1 a2+a3 b2+b3
+  const d4 cd = __builtin_shuffle(c, d, even) + __builtin_shuffle(c, d, odd);
+  return __builtin_shuffle(ab, cd, low) + __builtin_shuffle(ab, cd, high);
+}
+
+template <typename S>
+FUSEDRL_HD void moments_run4c(const S* x, int64_t stride, int64_t n, SegmentMoments* out) {
+  const S* run[4] = {x, x + stride, x + 2 * stride, x + 3 * stride};
+#define FUSEDRL_V(j, k) \
+  (d4{load_double(run[j] + (k)), load_double(run[j] + (k) + 1), load_double(run[j] + (k) + 2), load_double(run[j] + (k) + 3)})
+  const d4 zero = {0, 0, 0, 0}, low = {-HUGE_VAL, -HUGE_VAL, -HUGE_VAL, -HUGE_VAL};
+  d4 mx[4] = {low, low, low, low};
+  i4 nan[4] = {};
+  for (int64_t k = 0; k < n; k += 4) {
+    for (int j = 0; j < 4; ++j) {
+      const d4 v = FUSEDRL_V(j, k);
+      mx[j] = v > mx[j] ? v : mx[j];
+      nan[j] |= v != v;
+    }
+  }
+  d4 m;
+  for (int j = 0; j < 4; ++j) {  // moments_run's max
+    double mj = -HUGE_VAL;
+    for (int l = 0; l < 4; ++l) mj = mx[j][l] > mj ? mx[j][l] : mj;
+    m[j] = (nan[j][0] | nan[j][1] | nan[j][2] | nan[j][3]) != 0 ? NAN : mj;
+  }
+  d4 acc[4] = {zero, zero, zero, zero};
+  for (int64_t k = 0; k < n; k += 4) {
+    for (int j = 0; j < 4; ++j) acc[j] += FUSEDRL_V(j, k) - m[j];
+  }
+  const d4 shifted = lanes4(acc[0], acc[1], acc[2], acc[3]);
+  const d4 mu = m + shifted / double(n);  // segment_mean, n >= 4
+  for (int j = 0; j < 4; ++j) acc[j] = zero;
+  for (int64_t k = 0; k < n; k += 4) {
+    for (int j = 0; j < 4; ++j) {
+      const d4 d = FUSEDRL_V(j, k) - mu[j];
+      acc[j] += d * d;
+    }
+  }
+  const d4 sq = lanes4(acc[0], acc[1], acc[2], acc[3]);
+#undef FUSEDRL_V
+  for (int j = 0; j < 4; ++j) {
+    SegmentMoments& s = out[j];
+    s.n = double(n);
+    s.max = m[j];
+    s.shifted = shifted[j];
+    s.sq = sq[j];
+    s.wsum = 0;
+    s.wx = 0;
+  }
+}
+
 // Reader of column_extremes over a contiguous run.
 template <typename S>
 struct Run {
@@ -470,10 +534,28 @@ struct GaPlan {
   double* mx;                // [S, G] grpo_passk: the max, or null
   int64_t *ties, *first;     // [S, G] grpo_passk: rows equal to the max, the first (-1: none); or null
   double* below;             // [S, G] grpo_passk: the max of the other values
-  double *gmax, *den, *second;  // [G, C] passk's max, the denominator; [G] passk's second max
+  double *gmax, *inv, *second;  // [G, C] passk's max, 1 / the denominator; [G] passk's second max
   SegmentMoments* mom;       // [G, C]
   SegmentResult* res;        // [G, C]
 };
+
+// 4 consecutive values as doubles; 4 doubles stored (unaligned).
+template <typename T>
+FUSEDRL_HD d4 load4(const T* x) {
+  return d4{load_double(x), load_double(x + 1), load_double(x + 2), load_double(x + 3)};
+}
+FUSEDRL_HD void store4(double* y, const d4& v) { __builtin_memcpy(y, &v, sizeof(v)); }
+
+// The 4x4 transpose of rows a, b, c, d into col[0..3].
+FUSEDRL_HD void transpose4(const d4& a, const d4& b, const d4& c, const d4& d, d4* col) {
+  const i4 even = {0, 4, 2, 6}, odd = {1, 5, 3, 7}, low = {0, 1, 4, 5}, high = {2, 3, 6, 7};
+  const d4 t0 = __builtin_shuffle(a, b, even), t1 = __builtin_shuffle(a, b, odd);  // a0 b0 a2 b2, a1 b1 a3 b3
+  const d4 t2 = __builtin_shuffle(c, d, even), t3 = __builtin_shuffle(c, d, odd);
+  col[0] = __builtin_shuffle(t0, t2, low);
+  col[1] = __builtin_shuffle(t1, t3, low);
+  col[2] = __builtin_shuffle(t0, t2, high);
+  col[3] = __builtin_shuffle(t1, t3, high);
+}
 
 // Rows [r0, r1) gathered (scalarized, or the columns split) in row order.
 template <typename T>
@@ -482,7 +564,46 @@ FUSEDRL_HD void ga_gather(const GaPlan& p, int64_t r0, int64_t r1) {
   const T* values = static_cast<const T*>(a.values);
   const int64_t rs = a.row_stride, cs = a.col_stride, M = p.M;
   double* X = p.X;
-  if (a.combine == kSumThenNormalize) {
+  if ((a.combine == kSumThenNormalize || !p.scalarize) && cs == 1 && rs >= a.K && a.K >= 4) {
+    // rows of contiguous columns: 4 rows x 4 columns at a time, each row a contiguous load, then
+    // transposed (the column loops below load every value of a strided column on its own: the
+    // gather was 39% of the kernel at K = 4, groups of 16). The sum in combine_row's order.
+    const bool sum = a.combine == kSumThenNormalize;
+    const int64_t K = a.K;
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
+      const T* q = values + r * rs;
+      d4 acc = {0, 0, 0, 0};
+      int64_t k = 0;
+      for (; k + 4 <= K; k += 4) {
+        d4 col[4];
+        transpose4(load4(q + k), load4(q + rs + k), load4(q + 2 * rs + k), load4(q + 3 * rs + k), col);
+        for (int j = 0; j < 4; ++j) {
+          if (sum) {
+            acc += a.weights[k + j] * col[j];
+          } else {
+            store4(X + (k + j) * M + r, col[j]);
+          }
+        }
+      }
+      for (; k < K; ++k) {
+        const d4 v = {load_double(q + k), load_double(q + rs + k), load_double(q + 2 * rs + k), load_double(q + 3 * rs + k)};
+        if (sum) {
+          acc += a.weights[k] * v;
+        } else {
+          store4(X + k * M + r, v);
+        }
+      }
+      if (sum) store4(X + r, acc);
+    }
+    for (; r < r1; ++r) {
+      if (sum) {
+        X[r] = combine_row(a.combine, values + r * rs, cs, K, a.weights, a.ideal, a.var_coef);
+      } else {
+        for (int64_t k = 0; k < K; ++k) X[k * M + r] = load_double(values + r * rs + k);
+      }
+    }
+  } else if (a.combine == kSumThenNormalize) {
     // combine_row's sum, column by column (vectorizes over rows), in blocks of 256 rows whose X
     // stays in L1 across the columns (a whole column pass per column: 7% slower for the call at
     // K = 4, groups of 16, 1 thread)
@@ -522,47 +643,59 @@ FUSEDRL_HD void moments_job(const MomentsJob& j, int64_t n, int64_t) {
   *j.out = moments_run(static_cast<const S*>(j.x), static_cast<const double*>(nullptr), n);
 }
 
-// One column of one run of n >= 1 rows at [base, base + n): its statistics and every row's
-// advantage, to out (direct) or added to Y with the column's weight.
-template <int E, typename acc_t, typename S, typename WT>
-FUSEDRL_HD void run_column(const GaPlan& p, const S* x, const WT* w, int64_t c, int64_t base, int64_t n,
-                           const SegmentMoments& sm) {
+// One column of one run of n >= 1 rows at [base, base + n): every row's advantage from the run's
+// statistics (sm, res, inv = 1 / the denominator), to out (direct) or added to Y with the
+// column's weight.
+template <int E, typename acc_t, typename S>
+FUSEDRL_HD void run_column(const GaPlan& p, const S* x, int64_t c, int64_t base, int64_t n, const SegmentMoments& sm,
+                           const SegmentResult& res, double inv) {
   const GroupAdvantageArgs& a = *p.a;
   const double wc = a.combine == kNormalizeThenSum ? a.weights[c] : 1.0;
-  const SegmentResult res = segment_result(sm, w != nullptr, a.singleton);
-  const double den = group_denominator(a.scale, res, p.batch_den[c], a.eps);
   if (E == kPassk) {
     int64_t first;
     double second;
     column_extremes(n, Run<S>{x}, sm.max, first, second);
-    if (first >= 0) p.Y[base + first] += wc * ((sm.max - second) / den);
+    if (first >= 0) p.Y[base + first] += wc * ((sm.max - second) * inv);
     return;
   }
   const double gpg = p.gpg_scale[c];
   if (p.direct) {
     acc_t* out = static_cast<acc_t*>(a.out) + base;
-    for (int64_t k = 0; k < n; ++k) out[k] = acc_t(row_advantage(E, sm, res, load_double(x + k), den, gpg, a.singleton));
+    for (int64_t k = 0; k < n; ++k) out[k] = acc_t(row_advantage(E, sm, res, load_double(x + k), inv, gpg, a.singleton));
   } else {
     double* y = p.Y + base;
-    for (int64_t k = 0; k < n; ++k) y[k] += wc * row_advantage(E, sm, res, load_double(x + k), den, gpg, a.singleton);
+    for (int64_t k = 0; k < n; ++k) y[k] += wc * row_advantage(E, sm, res, load_double(x + k), inv, gpg, a.singleton);
   }
 }
 
 // Columns c of runs g .. g + count - 1 (count 4: their moments side by side; or 1). The runs loop
-// takes blocks of 4 from g0 (a multiple of 4) and the last partial block one by one.
+// takes blocks of 4 from g0 (a multiple of 4) and the last partial block one by one. The runs'
+// statistics are finished (the variance, the square root, the reciprocal) for the whole block
+// before its rows: 4 independent chains instead of one chain in each run's row loop.
 template <int E, typename acc_t, typename S>
 FUSEDRL_HD void run_block(const GaPlan& p, const S* x, int64_t c, int64_t g, int64_t count) {
-  const int64_t n = p.a->group_size;
-  const acc_t* w = E == kOpo ? static_cast<const acc_t*>(p.a->weight) + g * n : nullptr;
-  SegmentMoments sm[4];
-  if (count == 4) {
+  const GroupAdvantageArgs& a = *p.a;
+  const int64_t n = a.group_size;
+  const acc_t* w = E == kOpo ? static_cast<const acc_t*>(a.weight) + g * n : nullptr;
+  union Block {  // not zeroed: the moments functions write every field
+    SegmentMoments sm[4];
+    Block() {}
+  } b;
+  SegmentMoments* sm = b.sm;
+  if (count == 4 && !w && n % 4 == 0) {
+    moments_run4c(x, n, n, sm);
+  } else if (count == 4) {
     moments_run4(x, w, n, n, sm);
   } else {
     sm[0] = moments_run(x, w, n);
   }
+  SegmentResult res[4];
+  double inv[4];
   for (int64_t j = 0; j < count; ++j) {
-    run_column<E, acc_t>(p, x + j * n, w ? w + j * n : w, c, (g + j) * n, n, sm[j]);
+    res[j] = segment_result(sm[j], w != nullptr, a.singleton);
+    inv[j] = 1.0 / group_denominator(a.scale, res[j], p.batch_den[c], a.eps);
   }
+  for (int64_t j = 0; j < count; ++j) run_column<E, acc_t>(p, x + j * n, c, (g + j) * n, n, sm[j], res[j], inv[j]);
 }
 
 template <typename T, int E>
@@ -741,7 +874,7 @@ void keyed_combine(const GaPlan& p, int phase, int64_t g0, int64_t g1) {
       sm.wx = wx;
       p.mom[o] = sm;
       p.res[o] = segment_result(sm, p.wsum != nullptr, a.singleton);
-      p.den[o] = group_denominator(a.scale, p.res[o], p.batch_den[c], a.eps);
+      p.inv[o] = 1.0 / group_denominator(a.scale, p.res[o], p.batch_den[c], a.eps);
       if (p.mx) p.gmax[o] = mx;
     }
   }
@@ -760,13 +893,13 @@ void keyed_rows_e(const GaPlan& p, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t g = p.kept[r];
     if (E == kPassk) {
-      p.Y[r] = r == p.first[g] ? (p.gmax[g] - p.second[g]) / p.den[g] : 0.0;
+      p.Y[r] = r == p.first[g] ? (p.gmax[g] - p.second[g]) * p.inv[g] : 0.0;
       continue;
     }
     double y = 0;
     for (int64_t c = 0; c < C; ++c) {
       const int64_t o = g * C + c;
-      const double adv = row_advantage(E, p.mom[o], p.res[o], x(c, r), p.den[o], p.gpg_scale[c], singleton);
+      const double adv = row_advantage(E, p.mom[o], p.res[o], x(c, r), p.inv[o], p.gpg_scale[c], singleton);
       if (direct) {
         out[r] = acc_t(adv);
       } else {
@@ -951,11 +1084,11 @@ int group_advantages_impl(const GroupAdvantageArgs& a) {
     sc.kept.resize(size_t(M));
     p.kept = sc.kept.data();
     sc.acc.assign(SGC, Sums{0, 0, 0, 0});
-    sc.den.resize(GC);
+    sc.inv.resize(GC);
     sc.mom.resize(GC);
     sc.res.resize(GC);
     p.acc = sc.acc.data();
-    p.den = sc.den.data();
+    p.inv = sc.inv.data();
     p.mom = sc.mom.data();
     p.res = sc.res.data();
     if (a.estimator == kOpo) {

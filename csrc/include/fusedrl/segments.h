@@ -279,11 +279,14 @@ FUSEDRL_HD double group_denominator(int scale, const SegmentResult& res, double 
 }
 
 // The advantage of value x of a group (every estimator but grpo_passk, which only the group's
-// first max row receives: (max - second) / denominator). gpg_scale = M / max(#nonzero, 1).
+// first max row receives: (max - second) * inv_denominator). inv_denominator = 1 / denominator,
+// computed once per group: a multiply per row instead of a division (the division was 13% of the
+// CPU kernel's samples on groups of 16; the two differ by at most a last bit of the double).
+// gpg_scale = M / max(#nonzero, 1).
 FUSEDRL_HD double row_advantage(int estimator, const SegmentMoments& s, const SegmentResult& res, double x,
-                                double denominator, double gpg_scale, int singleton) {
+                                double inv_denominator, double gpg_scale, int singleton) {
   switch (estimator) {
-    case kGrpo: return (x - res.mean) / denominator;
+    case kGrpo: return (x - res.mean) * inv_denominator;
     case kRloo: return x - segment_loo_value(s, x, singleton);
     case kGpg: return (x - res.mean) * gpg_scale;
     case kOpo: return x - res.wmean;
