@@ -1,5 +1,5 @@
 """Every ISA variant of the C++ segment-statistics kernel and of the group_advantages kernel's runs
-(baseline, AVX2, AVX-512: csrc/cpu/isa.h) runs and agrees with the float64 gold. The variant is fixed once per process, so each runs in a
+and keyed passes (baseline, AVX2, AVX-512: csrc/cpu/isa.h) runs and agrees with the float64 gold. The variant is fixed once per process, so each runs in a
 child process with FUSEDRL_CPU_ISA set."""
 
 import os
@@ -25,15 +25,20 @@ for dt in (torch.float32, torch.bfloat16, torch.float64):
     out[str(dt)] = (x, tuple(seg.group_stats(x, index, 9, weight=torch.rand(200, generator=g), backend="cpu")))
 out["index"] = index
 import fusedrl
-R = torch.randn(222, 3, generator=g, dtype=torch.float64) * 3
-for dt in (torch.float32, torch.bfloat16, torch.float64):  # runs of 37 rows: 9 blocks of 4 and a tail
+R = torch.randn(222, 5, generator=g, dtype=torch.float64) * 3
+ids = torch.randint(0, 30, (222,), generator=g) * 3
+for dt in (torch.float32, torch.bfloat16, torch.float64):  # runs of 37 rows: a block of 4 and 2 runs alone
     x = R.to(dt)
     out["adv", str(dt)] = [
         fusedrl.group_advantages(x[:, 0], group_size=37, scale="batch", backend="cpu"),
         fusedrl.group_advantages(x, group_size=37, combine="normalize_then_sum", backend="cpu"),
         fusedrl.group_advantages(x[:, 0], group_size=37, estimator="rloo", backend="cpu"),
+        fusedrl.group_advantages(x[:216, 0], group_size=36, backend="cpu"),  # runs of 4k rows, 4 at a time
+        fusedrl.group_advantages(x, group_size=37, combine="sum_then_normalize", backend="cpu"),  # rows 4 x 4
+        fusedrl.group_advantages(x, ids, combine="normalize_then_sum", backend="cpu"),  # keyed, 5 columns
     ]
 out["R"] = R
+out["ids"] = ids
 torch.save(out, sys.argv[1])
 """
 
@@ -67,11 +72,16 @@ def check(isa, out):
                 torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * 25, msg=name)
     for dt in (torch.float32, torch.bfloat16, torch.float64):
         x = out["R"].to(dt).double()
+        ids = out["ids"]
         gold = [
             fusedrl.group_advantages(x[:, 0], group_size=37, scale="batch", backend="torch"),
             fusedrl.group_advantages(x, group_size=37, combine="normalize_then_sum", backend="torch"),
             fusedrl.group_advantages(x[:, 0], group_size=37, estimator="rloo", backend="torch"),
+            fusedrl.group_advantages(x[:216, 0], group_size=36, backend="torch"),
+            fusedrl.group_advantages(x, group_size=37, combine="sum_then_normalize", backend="torch"),
+            fusedrl.group_advantages(x, ids, combine="normalize_then_sum", backend="torch"),
         ]
+        assert len(gold) == len(out["adv", str(dt)])
         tol = 1e-12 if dt == torch.float64 else 1e-5
         for a, b in zip(out["adv", str(dt)], gold):
             torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * 5)

@@ -19,10 +19,20 @@ namespace fusedrl {
 namespace cpu {
 namespace {
 
-// group_advantages' sums of one group and column over a slice of rows (keyed layout): rows, the
-// shift (the first value), the sums of d = x - shift and of d^2.
+// group_advantages' sums of one group over a slice of rows (keyed layout), C columns: the rows,
+// then per column the shift (the group's first value), the sums of d = x - shift and of d^2, as
+// 1 + 3C doubles {n, shift[C], s1[C], s2[C]} (one entry per group: a row's C columns update
+// side by side; C = 1 is Sums).
 struct Sums {
   double n, shift, s1, s2;
+};
+struct SumsRef {
+  const double* e;
+  int64_t C;
+  FUSEDRL_HD double n() const { return e[0]; }
+  FUSEDRL_HD double shift(int64_t c) const { return e[1 + c]; }
+  FUSEDRL_HD double s1(int64_t c) const { return e[1 + C + c]; }
+  FUSEDRL_HD double s2(int64_t c) const { return e[1 + 2 * C + c]; }
 };
 
 // Host scratch reused across calls by each calling thread: a fresh multi-page std::vector costs a
@@ -31,8 +41,7 @@ struct Sums {
 // bigger call.
 struct Scratch {
   std::vector<int64_t> slot, keys, vals, offsets, order, next, ties, first;
-  std::vector<Sums> acc;
-  std::vector<double> X, W, Y, mx, wsum, wx, below, gmax, inv, second;
+  std::vector<double> acc, X, W, Y, mx, wsum, wx, below, gmax, inv, mean, second;
   std::vector<int32_t> number, kept;
   std::vector<uint8_t> seen;
   std::vector<SegmentMoments> mom;
@@ -44,7 +53,7 @@ constexpr size_t kKeepBytes = size_t(64) << 20;
 size_t Scratch::bytes() const {
   size_t b = seen.capacity() + 4 * (number.capacity() + kept.capacity()) + 8 * (slot.capacity() + keys.capacity() + vals.capacity() + offsets.capacity() +
                   order.capacity() + next.capacity() + ties.capacity() + first.capacity() +
-                  X.capacity() + W.capacity() + Y.capacity() + 4 * acc.capacity() +
+                  X.capacity() + W.capacity() + Y.capacity() + acc.capacity() + mean.capacity() +
                   mx.capacity() + wsum.capacity() + wx.capacity() + below.capacity() + gmax.capacity() +
                   inv.capacity() + second.capacity());
   return b + sizeof(SegmentMoments) * mom.capacity() +
@@ -529,7 +538,8 @@ struct GaPlan {
   int64_t G, S;              // groups (dense keys), slices
   KeySource keys;            // the dense key (group) of every row, looked up by pass 1
   int32_t* kept;             // [M] and kept there for the later passes
-  Sums* acc;                 // [S, G, C] rows, the shift, the sums of d = x - shift and of d^2
+  double* acc;               // [S, G, 1 + 3C] the rows, the shifts, the sums of d = x - shift and of d^2
+  double* mean;              // [G, C] the groups' means (C > 1)
   double *wsum, *wx;         // [S, G] OPO's sums of w and of w d, or null
   double* mx;                // [S, G] grpo_passk: the max, or null
   int64_t *ties, *first;     // [S, G] grpo_passk: rows equal to the max, the first (-1: none); or null
@@ -734,14 +744,20 @@ FUSEDRL_HD void ga_finish(const GaPlan& p, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) out[r] = acc_t(finish_row(p.a->finish, p.batch, p.Y[r], p.a->eps));
 }
 
-// The values of the keyed passes: read in place ([M], stride 1) or from X [C, M]; One: C = 1.
+// The values of the keyed passes: read in place (one column: [M], stride 1; C columns: the
+// rewards' row and column strides) or from X [C, M]; One: C = 1.
 template <typename T, bool InPlace, bool One>
 struct Cols {
   const T* v;
   const double* X;
-  int64_t M, C;
+  int64_t M, C, rs, cs;
+  FUSEDRL_HD Cols(const GaPlan& p)
+      : v(static_cast<const T*>(p.a->values)), X(p.X), M(p.M), C(p.C), rs(p.a->row_stride), cs(p.a->col_stride) {}
   FUSEDRL_HD int64_t cols() const { return One ? 1 : C; }
-  FUSEDRL_HD double operator()(int64_t c, int64_t r) const { return InPlace ? load_double(v + r) : X[c * M + r]; }
+  FUSEDRL_HD double operator()(int64_t c, int64_t r) const {
+    if (InPlace) return One ? load_double(v + r) : load_double(v + r * rs + c * cs);
+    return X[c * M + r];
+  }
 };
 
 // Rows [r0, r1) in row order with their dense keys: body(r, g); the keys are also kept [M] for
@@ -750,7 +766,7 @@ struct Cols {
 // read-modify-writes (the call measured 12% faster, 1 thread, than with the key looked up row by
 // row in every pass; a software prefetch of the group entry 8 rows ahead measured 6% slower).
 template <typename Id, typename Body>
-void rows_with_keys(const Keys<Id>& key, int32_t* kept, int64_t r0, int64_t r1, const Body& body) {
+FUSEDRL_HD void rows_with_keys(const Keys<Id>& key, int32_t* kept, int64_t r0, int64_t r1, const Body& body) {
   constexpr int64_t B = 64;
   int64_t kb[B];
   for (int64_t b0 = r0; b0 < r1; b0 += B) {
@@ -761,17 +777,68 @@ void rows_with_keys(const Keys<Id>& key, int32_t* kept, int64_t r0, int64_t r1, 
   }
 }
 
+// Pass 1 of slice s with C > 1 columns (normalize_then_sum: grpo, no weights): each row's C
+// values into its group's entry {n, shift[C], s1[C], s2[C]}, 4 columns at a time; compiled for
+// AVX2 and the baseline ISA (keyed_cols_avx2 / _base; the SSE2 build of the 4-wide vectors goes
+// through the stack).
+template <typename T, typename Id, bool InPlace>
+FUSEDRL_HD void keyed_cols(const GaPlan& p, int64_t s) {
+  const Cols<T, InPlace, false> x(p);
+  const int64_t C = x.cols(), G = p.G, r0 = p.M * s / p.S, r1 = p.M * (s + 1) / p.S;
+  const Keys<Id> key = p.keys.get<Id>();
+  const int64_t width = 1 + 3 * C;
+  double* acc = p.acc + s * G * width;
+  rows_with_keys(key, p.kept, r0, r1, [&](int64_t r, int64_t g) {
+    double* e = acc + g * width;
+    double *shift = e + 1, *s1 = shift + C, *s2 = s1 + C;
+    if (e[0] == 0) {
+      for (int64_t c = 0; c < C; ++c) shift[c] = x(c, r);
+    }
+    e[0] += 1;
+    int64_t c = 0;
+    for (; c + 4 <= C; c += 4) {
+      const d4 v = {x(c, r), x(c + 1, r), x(c + 2, r), x(c + 3, r)};
+      d4 sh, a1, a2;
+      __builtin_memcpy(&sh, shift + c, sizeof(d4));
+      __builtin_memcpy(&a1, s1 + c, sizeof(d4));
+      __builtin_memcpy(&a2, s2 + c, sizeof(d4));
+      const d4 d = v - sh;
+      a1 += d;
+      a2 += d * d;
+      __builtin_memcpy(s1 + c, &a1, sizeof(d4));
+      __builtin_memcpy(s2 + c, &a2, sizeof(d4));
+    }
+    for (; c < C; ++c) {
+      const double d = x(c, r) - shift[c];
+      s1[c] += d;
+      s2[c] += d * d;
+    }
+  });
+}
+template <typename T, typename Id, bool InPlace>
+FUSEDRL_TARGET_AVX2 void keyed_cols_avx2(const GaPlan& p, int64_t s) {
+  keyed_cols<T, Id, InPlace>(p, s);
+}
+template <typename T, typename Id, bool InPlace>
+void keyed_cols_base(const GaPlan& p, int64_t s) {
+  keyed_cols<T, Id, InPlace>(p, s);
+}
+
 // Pass 1 of slice s (see keyed_pass); E: kOpo and kPassk add their sums, any other adds none.
 template <typename T, typename Id, bool InPlace, bool One, int E>
 void keyed_sums(const GaPlan& p, int64_t s) {
-  const Cols<T, InPlace, One> x{static_cast<const T*>(p.a->values), p.X, p.M, p.C};
+  const Cols<T, InPlace, One> x(p);
   const int64_t C = x.cols(), G = p.G, r0 = p.M * s / p.S, r1 = p.M * (s + 1) / p.S;
   const Keys<Id> key = p.keys.get<Id>();
-  Sums* acc = p.acc + s * G * C;
   double* wsum = E == kOpo ? p.wsum + s * G : nullptr;
   double* wx = E == kOpo ? p.wx + s * G : nullptr;
   double* mx = E == kPassk ? p.mx + s * G : nullptr;
   const double* W = p.W;
+  if constexpr (!One) {
+    (isa_level() >= kIsaAvx2 ? keyed_cols_avx2<T, Id, InPlace> : keyed_cols_base<T, Id, InPlace>)(p, s);
+    return;
+  }
+  Sums* acc = reinterpret_cast<Sums*>(p.acc) + s * G;
   rows_with_keys(key, p.kept, r0, r1, [&](int64_t r, int64_t g) {
     for (int64_t c = 0; c < C; ++c) {
       Sums& q = acc[g * C + c];
@@ -797,7 +864,7 @@ void keyed_sums(const GaPlan& p, int64_t s) {
 // known): the rows equal to the max, the first of them, and the max of the others.
 template <typename T, typename Id, bool InPlace, bool One>
 void keyed_pass(const GaPlan& p, int phase, int64_t s) {
-  const Cols<T, InPlace, One> x{static_cast<const T*>(p.a->values), p.X, p.M, p.C};
+  const Cols<T, InPlace, One> x(p);
   const int64_t G = p.G, r0 = p.M * s / p.S, r1 = p.M * (s + 1) / p.S;
   if (phase == 2) {  // grpo_passk (C = 1)
     int64_t *ties = p.ties + s * G, *first = p.first + s * G;
@@ -832,7 +899,7 @@ void keyed_pass(const GaPlan& p, int phase, int64_t s) {
 // the second max.
 void keyed_combine(const GaPlan& p, int phase, int64_t g0, int64_t g1) {
   const GroupAdvantageArgs& a = *p.a;
-  const int64_t C = p.C, G = p.G, GC = G * C, S = p.S;
+  const int64_t C = p.C, G = p.G, GC = G * C, S = p.S, width = 1 + 3 * C;
   for (int64_t g = g0; g < g1; ++g) {
     if (phase == 2) {
       int64_t first = -1, ties = 0;
@@ -851,12 +918,12 @@ void keyed_combine(const GaPlan& p, int phase, int64_t g0, int64_t g1) {
       const int64_t o = g * C + c;
       double n = 0, shift = 0, sum = 0, sq = 0, wsum = 0, wx = 0, mx = -HUGE_VAL;
       for (int64_t s = 0; s < S; ++s) {
-        const Sums& q = p.acc[s * GC + o];
-        const double ns = q.n;
+        const SumsRef q{p.acc + (s * G + g) * width, C};
+        const double ns = q.n();
         if (ns == 0) continue;
-        if (n == 0) shift = q.shift;
-        const double delta = q.shift - shift, s1 = q.s1;
-        sq += q.s2 + 2 * delta * s1 + ns * delta * delta;
+        if (n == 0) shift = q.shift(c);
+        const double delta = q.shift(c) - shift, s1 = q.s1(c);
+        sq += q.s2(c) + 2 * delta * s1 + ns * delta * delta;
         sum += s1 + ns * delta;
         if (p.wsum) {
           wsum += p.wsum[s * G + g];
@@ -875,9 +942,35 @@ void keyed_combine(const GaPlan& p, int phase, int64_t g0, int64_t g1) {
       p.mom[o] = sm;
       p.res[o] = segment_result(sm, p.wsum != nullptr, a.singleton);
       p.inv[o] = 1.0 / group_denominator(a.scale, p.res[o], p.batch_den[c], a.eps);
+      if (C > 1) p.mean[o] = p.res[o].mean;
       if (p.mx) p.gmax[o] = mx;
     }
   }
+}
+
+// Pass 4 over rows [r0, r1) with C > 1 columns (normalize_then_sum: grpo): row_advantage's grpo
+// from the [G, C] means and 1 / denominators (contiguous per group), weighted and summed in
+// column order into Y. For AVX2 and the baseline ISA, as keyed_cols.
+template <typename T, bool InPlace>
+FUSEDRL_HD void keyed_rows_cols(const GaPlan& p, int64_t r0, int64_t r1) {
+  const Cols<T, InPlace, false> x(p);
+  const int64_t C = x.cols();
+  const double* w = p.a->weights;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t g = p.kept[r];
+    const double *mu = p.mean + g * C, *inv = p.inv + g * C;
+    double y = 0;
+    for (int64_t c = 0; c < C; ++c) y += w[c] * ((x(c, r) - mu[c]) * inv[c]);
+    p.Y[r] = y;
+  }
+}
+template <typename T, bool InPlace>
+FUSEDRL_TARGET_AVX2 void keyed_rows_cols_avx2(const GaPlan& p, int64_t r0, int64_t r1) {
+  keyed_rows_cols<T, InPlace>(p, r0, r1);
+}
+template <typename T, bool InPlace>
+void keyed_rows_cols_base(const GaPlan& p, int64_t r0, int64_t r1) {
+  keyed_rows_cols<T, InPlace>(p, r0, r1);
 }
 
 // Pass 4 over rows [r0, r1): every row's advantage (to out, or Y when not direct).
@@ -885,7 +978,7 @@ template <typename T, bool InPlace, bool One, int E>
 void keyed_rows_e(const GaPlan& p, int64_t r0, int64_t r1) {
   using acc_t = typename Acc<T>::type;
   const GroupAdvantageArgs& a = *p.a;
-  const Cols<T, InPlace, One> x{static_cast<const T*>(a.values), p.X, p.M, p.C};
+  const Cols<T, InPlace, One> x(p);
   const int64_t C = x.cols();
   acc_t* out = static_cast<acc_t*>(a.out);
   const bool direct = p.direct;
@@ -912,6 +1005,12 @@ void keyed_rows_e(const GaPlan& p, int64_t r0, int64_t r1) {
 
 template <typename T, bool InPlace, bool One>
 void keyed_rows(const GaPlan& p, int64_t r0, int64_t r1) {
+  if constexpr (!One) {
+    if (p.a->estimator == kGrpo) {
+      (isa_level() >= kIsaAvx2 ? keyed_rows_cols_avx2<T, InPlace> : keyed_rows_cols_base<T, InPlace>)(p, r0, r1);
+      return;
+    }
+  }
   switch (p.a->estimator) {
     case kGrpo: keyed_rows_e<T, InPlace, One, kGrpo>(p, r0, r1); break;
     case kRloo: keyed_rows_e<T, InPlace, One, kRloo>(p, r0, r1); break;
@@ -952,7 +1051,9 @@ void keyed_run(const GaPlan& p, int nt) {
 // column, or C columns.
 template <typename T, typename Id>
 void keyed_layouts(const GaPlan& p, int use) {
-  if (!p.X) {
+  if (!p.X && p.C > 1) {
+    keyed_run<T, Id, true, false>(p, use);
+  } else if (!p.X) {
     keyed_run<T, Id, true, true>(p, use);
   } else if (p.C == 1) {
     keyed_run<T, Id, false, true>(p, use);
@@ -1033,7 +1134,11 @@ int group_advantages_impl(const GroupAdvantageArgs& a) {
   //    is read in place (a separate pass: gathering run by run inside the groups loop measured
   //    slower); the keyed passes read OPO's weights from W, runs read them in place
   std::vector<double>&X = sc.X, &W = sc.W, &Y = sc.Y;
-  if (p.scalarize || p.C > 1 || a.row_stride != 1 || (a.ids && a.estimator == kOpo)) {
+  // (keyed normalize_then_sum reads the columns in place: the [C, M] doubles of X are 4x the
+  // bytes of float32 rewards, and no longer fit in L2 at 65,536 rows, K = 4; not with the batch
+  // scale, whose per-column moments read X)
+  const bool cols_in_place = a.ids && p.C > 1 && !p.scalarize && a.scale != kScaleBatch;
+  if (!cols_in_place && (p.scalarize || p.C > 1 || a.row_stride != 1 || (a.ids && a.estimator == kOpo))) {
     X.resize(p.C * M);
     W.resize(a.ids && a.estimator == kOpo ? M : 0);
     p.X = X.data();
@@ -1078,12 +1183,14 @@ int group_advantages_impl(const GroupAdvantageArgs& a) {
     p.keys = a.ids_int32 ? make_keys(static_cast<const int32_t*>(a.ids), a.ids_stride, M, sc, nt, G)
                          : make_keys(static_cast<const int64_t*>(a.ids), a.ids_stride, M, sc, nt, G);
     const int64_t S = std::max<int64_t>(1, std::min<int64_t>(8, M / 32768));
-    const size_t SG = size_t(S * G), SGC = SG * size_t(p.C), GC = size_t(G * p.C);
+    const size_t SG = size_t(S * G), GC = size_t(G * p.C);
     p.G = G;
     p.S = S;
     sc.kept.resize(size_t(M));
     p.kept = sc.kept.data();
-    sc.acc.assign(SGC, Sums{0, 0, 0, 0});
+    sc.acc.assign(SG * size_t(1 + 3 * p.C), 0.0);
+    sc.mean.resize(p.C > 1 ? GC : 0);
+    p.mean = sc.mean.data();
     sc.inv.resize(GC);
     sc.mom.resize(GC);
     sc.res.resize(GC);
