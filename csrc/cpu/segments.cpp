@@ -1164,7 +1164,11 @@ int group_advantages_impl(const GroupAdvantageArgs& a) {
   p.gpg_scale = gpg_scale.data();
   p.direct = p.C == 1 && a.finish == kFinishNone && a.estimator != kPassk;
   if (!p.direct) {
-    Y.assign(M, 0.0);
+    if (a.ids) {
+      Y.resize(M);  // the keyed row pass writes every row
+    } else {
+      Y.assign(M, 0.0);  // the runs add into it
+    }
     p.Y = Y.data();
   }
   // 3. the groups' statistics and every row's advantage (summed over the columns with their
@@ -1233,11 +1237,48 @@ int group_advantages_impl(const GroupAdvantageArgs& a) {
       }
     }
   }
-  // 4. the batch finish
+  // 4. the batch finish, in one parallel region: the moments of Y over fixed chunks of rows (by
+  //    M, not by the thread count), combined in chunk order by every thread (Chan et al.'s
+  //    pairwise update of the mean and the squared deviations), then the rows. A serial pass over
+  //    Y between two regions cost about 0.2 ms here, mostly waking the sleeping second thread.
   if (!p.direct) {
-    p.batch = SegmentResult{0, 0, 0};
-    if (a.finish != kFinishNone) p.batch = segment_result(whole_moments(p.Y, M), false, kSingletonZero);
-    parallel(M, [&](int64_t r0, int64_t r1) { fn.finish(p, r0, r1); });
+    const bool stats = a.finish != kFinishNone;
+    constexpr int64_t kChunk = 8192;
+    const int64_t NC = stats ? (M + kChunk - 1) / kChunk : 0;
+    std::vector<SegmentMoments> part(static_cast<size_t>(NC));
+    auto finish = [&](int64_t tid, int64_t cnt, const auto& barrier) {
+      for (int64_t k = NC * tid / cnt; k < NC * (tid + 1) / cnt; ++k) {
+        part[size_t(k)] = whole_moments(p.Y + k * kChunk, std::min(kChunk, M - k * kChunk));
+      }
+      GaPlan q = p;
+      q.batch = SegmentResult{0, 0, 0};
+      if (NC) {
+        barrier();
+        double n = 0, mean = 0, sq = 0;
+        for (int64_t k = 0; k < NC; ++k) {
+          const SegmentMoments& m = part[size_t(k)];
+          const double nk = m.n, tot = n + nk, delta = segment_mean(m) - mean;
+          mean += delta * (nk / tot);
+          sq += m.sq + delta * delta * (n * nk / tot);
+          n = tot;
+        }
+        SegmentMoments bm;
+        bm.n = n;
+        bm.max = mean;  // the mean as the shift: shifted = 0
+        bm.sq = sq;
+        q.batch = segment_result(bm, false, kSingletonZero);
+      }
+      fn.finish(q, M * tid / cnt, M * (tid + 1) / cnt);
+    };
+    const int use = static_cast<int>(std::min<int64_t>(nt, std::max<int64_t>(M / 8192, 1)));
+    if (use <= 1) {
+      finish(0, 1, [] {});
+    } else {
+#pragma omp parallel num_threads(use)
+      finish(omp_get_thread_num(), omp_get_num_threads(), [] {
+#pragma omp barrier
+      });
+    }
   }
   release_if_big(sc);
   return kGroupOk;
