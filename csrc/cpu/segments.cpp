@@ -1239,8 +1239,9 @@ int group_advantages_impl(const GroupAdvantageArgs& a) {
   }
   // 4. the batch finish, in one parallel region: the moments of Y over fixed chunks of rows (by
   //    M, not by the thread count), combined in chunk order by every thread (Chan et al.'s
-  //    pairwise update of the mean and the squared deviations), then the rows. A serial pass over
-  //    Y between two regions cost about 0.2 ms here, mostly waking the sleeping second thread.
+  //    pairwise update of the mean and the squared deviations), then the rows. Before, one thread
+  //    took the moments between two regions while the other slept: 560 -> 513 us for the kernel
+  //    at 65,536 shuffled ids, normalize_then_sum K = 4, 2 threads.
   if (!p.direct) {
     const bool stats = a.finish != kFinishNone;
     constexpr int64_t kChunk = 8192;
