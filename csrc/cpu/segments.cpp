@@ -144,7 +144,34 @@ namespace {
 typedef double d4 __attribute__((vector_size(32)));
 typedef int64_t i4 __attribute__((vector_size(32)));
 
-#define FUSEDRL_LOAD4(x) (d4{load_double(x), load_double((x) + 1), load_double((x) + 2), load_double((x) + 3)})
+
+// 4-wide helpers. (d4 arguments and results: everything here is always inlined into an ISA
+// variant, so -Wpsabi's ABI change of a vector passed between baseline functions never happens.)
+#pragma GCC diagnostic ignored "-Wpsabi"
+// 4 consecutive values as doubles; 4 doubles stored (unaligned).
+template <typename T>
+FUSEDRL_HD d4 load4(const T* x) {
+  return d4{load_double(x), load_double(x + 1), load_double(x + 2), load_double(x + 3)};
+}
+FUSEDRL_HD void store4(double* y, const d4& v) { __builtin_memcpy(y, &v, sizeof(v)); }
+
+// The 4x4 transpose of rows a, b, c, d into col[0..3].
+FUSEDRL_HD void transpose4(const d4& a, const d4& b, const d4& c, const d4& d, d4* col) {
+  const i4 even = {0, 4, 2, 6}, odd = {1, 5, 3, 7}, low = {0, 1, 4, 5}, high = {2, 3, 6, 7};
+  const d4 t0 = __builtin_shuffle(a, b, even), t1 = __builtin_shuffle(a, b, odd);  // a0 b0 a2 b2, a1 b1 a3 b3
+  const d4 t2 = __builtin_shuffle(c, d, even), t3 = __builtin_shuffle(c, d, odd);
+  col[0] = __builtin_shuffle(t0, t2, low);
+  col[1] = __builtin_shuffle(t1, t3, low);
+  col[2] = __builtin_shuffle(t0, t2, high);
+  col[3] = __builtin_shuffle(t1, t3, high);
+}
+
+// Lane j: the lanes of the j-th of a, b, c, d added as (0 + 1) + (2 + 3) (the header's order).
+FUSEDRL_HD d4 lanes4(const d4& a, const d4& b, const d4& c, const d4& d) {
+  d4 col[4];
+  transpose4(a, b, c, d, col);
+  return (col[0] + col[1]) + (col[2] + col[3]);
+}
 FUSEDRL_HD double lanes(const d4& v, double first) { return (first + v[1]) + (v[2] + v[3]); }
 
 template <typename S, typename WT>
@@ -155,7 +182,7 @@ FUSEDRL_HD SegmentMoments moments_run(const S* x, const WT* w, int64_t n) {
   d4 mx = {-HUGE_VAL, -HUGE_VAL, -HUGE_VAL, -HUGE_VAL};
   i4 nan4 = {0, 0, 0, 0};
   for (int64_t k = 0; k < n4; k += 4) {
-    const d4 v = FUSEDRL_LOAD4(x + k);
+    const d4 v = load4(x + k);
     mx = v > mx ? v : mx;
     nan4 |= v != v;
   }
@@ -170,16 +197,16 @@ FUSEDRL_HD SegmentMoments moments_run(const S* x, const WT* w, int64_t n) {
   m = nan ? NAN : m;
   s.max = m;
   d4 acc = {0, 0, 0, 0};
-  for (int64_t k = 0; k < n4; k += 4) acc += FUSEDRL_LOAD4(x + k) - m;
+  for (int64_t k = 0; k < n4; k += 4) acc += load4(x + k) - m;
   double first = acc[0];
   for (int64_t k = n4; k < n; ++k) first += load_double(x + k) - m;
   s.shifted = lanes(acc, first);
   if (w) {
     d4 acc_w = {0, 0, 0, 0}, acc_wx = {0, 0, 0, 0};
     for (int64_t k = 0; k < n4; k += 4) {
-      const d4 wk = FUSEDRL_LOAD4(w + k);
+      const d4 wk = load4(w + k);
       acc_w += wk;
-      acc_wx += wk * (FUSEDRL_LOAD4(x + k) - m);
+      acc_wx += wk * (load4(x + k) - m);
     }
     double fw = acc_w[0], fwx = acc_wx[0];
     for (int64_t k = n4; k < n; ++k) {
@@ -192,7 +219,7 @@ FUSEDRL_HD SegmentMoments moments_run(const S* x, const WT* w, int64_t n) {
   const double mu = segment_mean(s);
   acc = d4{0, 0, 0, 0};
   for (int64_t k = 0; k < n4; k += 4) {
-    const d4 d = FUSEDRL_LOAD4(x + k) - mu;
+    const d4 d = load4(x + k) - mu;
     acc += d * d;
   }
   first = acc[0];
@@ -203,7 +230,6 @@ FUSEDRL_HD SegmentMoments moments_run(const S* x, const WT* w, int64_t n) {
   s.sq = lanes(acc, first);
   return s;
 }
-#undef FUSEDRL_LOAD4
 
 // The moments of 4 runs of n values at once (run j at x + j * stride, weights w + j * stride or
 // null), lane j holding run j: each lane keeps sum4's order (4 accumulators by k mod 4, the tail
@@ -282,27 +308,15 @@ FUSEDRL_HD void moments_run4(const S* x, const WT* w, int64_t stride, int64_t n,
 // insert. With the block's statistics finished together (run_block) and a multiply for the
 // division of every row: 116 -> 103 us for the kernel on groups of 16, K = 1 (65,536 rows, 1
 // thread, min of 5 alternated runs of 800 calls).
-// (d4 arguments and results: these are always inlined into an ISA variant, so -Wpsabi's ABI
-// change of a vector passed between baseline functions never happens.)
-#pragma GCC diagnostic ignored "-Wpsabi"
-FUSEDRL_HD d4 lanes4(const d4& a, const d4& b, const d4& c, const d4& d) {
-  const i4 even = {0, 4, 2, 6}, odd = {1, 5, 3, 7}, low = {0, 1, 4, 5}, high = {2, 3, 6, 7};
-  const d4 ab = __builtin_shuffle(a, b, even) + __builtin_shuffle(a, b, odd);  // a0+a1 b0+b1 a2+a3 b2+b3
-  const d4 cd = __builtin_shuffle(c, d, even) + __builtin_shuffle(c, d, odd);
-  return __builtin_shuffle(ab, cd, low) + __builtin_shuffle(ab, cd, high);
-}
-
 template <typename S>
 FUSEDRL_HD void moments_run4c(const S* x, int64_t stride, int64_t n, SegmentMoments* out) {
   const S* run[4] = {x, x + stride, x + 2 * stride, x + 3 * stride};
-#define FUSEDRL_V(j, k) \
-  (d4{load_double(run[j] + (k)), load_double(run[j] + (k) + 1), load_double(run[j] + (k) + 2), load_double(run[j] + (k) + 3)})
   const d4 zero = {0, 0, 0, 0}, low = {-HUGE_VAL, -HUGE_VAL, -HUGE_VAL, -HUGE_VAL};
   d4 mx[4] = {low, low, low, low};
   i4 nan[4] = {};
   for (int64_t k = 0; k < n; k += 4) {
     for (int j = 0; j < 4; ++j) {
-      const d4 v = FUSEDRL_V(j, k);
+      const d4 v = load4(run[j] + k);
       mx[j] = v > mx[j] ? v : mx[j];
       nan[j] |= v != v;
     }
@@ -315,19 +329,18 @@ FUSEDRL_HD void moments_run4c(const S* x, int64_t stride, int64_t n, SegmentMome
   }
   d4 acc[4] = {zero, zero, zero, zero};
   for (int64_t k = 0; k < n; k += 4) {
-    for (int j = 0; j < 4; ++j) acc[j] += FUSEDRL_V(j, k) - m[j];
+    for (int j = 0; j < 4; ++j) acc[j] += load4(run[j] + k) - m[j];
   }
   const d4 shifted = lanes4(acc[0], acc[1], acc[2], acc[3]);
   const d4 mu = m + shifted / double(n);  // segment_mean, n >= 4
   for (int j = 0; j < 4; ++j) acc[j] = zero;
   for (int64_t k = 0; k < n; k += 4) {
     for (int j = 0; j < 4; ++j) {
-      const d4 d = FUSEDRL_V(j, k) - mu[j];
+      const d4 d = load4(run[j] + k) - mu[j];
       acc[j] += d * d;
     }
   }
   const d4 sq = lanes4(acc[0], acc[1], acc[2], acc[3]);
-#undef FUSEDRL_V
   for (int j = 0; j < 4; ++j) {
     SegmentMoments& s = out[j];
     s.n = double(n);
@@ -548,24 +561,6 @@ struct GaPlan {
   SegmentMoments* mom;       // [G, C]
   SegmentResult* res;        // [G, C]
 };
-
-// 4 consecutive values as doubles; 4 doubles stored (unaligned).
-template <typename T>
-FUSEDRL_HD d4 load4(const T* x) {
-  return d4{load_double(x), load_double(x + 1), load_double(x + 2), load_double(x + 3)};
-}
-FUSEDRL_HD void store4(double* y, const d4& v) { __builtin_memcpy(y, &v, sizeof(v)); }
-
-// The 4x4 transpose of rows a, b, c, d into col[0..3].
-FUSEDRL_HD void transpose4(const d4& a, const d4& b, const d4& c, const d4& d, d4* col) {
-  const i4 even = {0, 4, 2, 6}, odd = {1, 5, 3, 7}, low = {0, 1, 4, 5}, high = {2, 3, 6, 7};
-  const d4 t0 = __builtin_shuffle(a, b, even), t1 = __builtin_shuffle(a, b, odd);  // a0 b0 a2 b2, a1 b1 a3 b3
-  const d4 t2 = __builtin_shuffle(c, d, even), t3 = __builtin_shuffle(c, d, odd);
-  col[0] = __builtin_shuffle(t0, t2, low);
-  col[1] = __builtin_shuffle(t1, t3, low);
-  col[2] = __builtin_shuffle(t0, t2, high);
-  col[3] = __builtin_shuffle(t1, t3, high);
-}
 
 // Rows [r0, r1) gathered (scalarized, or the columns split) in row order.
 template <typename T>
@@ -797,16 +792,9 @@ FUSEDRL_HD void keyed_cols(const GaPlan& p, int64_t s) {
     e[0] += 1;
     int64_t c = 0;
     for (; c + 4 <= C; c += 4) {
-      const d4 v = {x(c, r), x(c + 1, r), x(c + 2, r), x(c + 3, r)};
-      d4 sh, a1, a2;
-      __builtin_memcpy(&sh, shift + c, sizeof(d4));
-      __builtin_memcpy(&a1, s1 + c, sizeof(d4));
-      __builtin_memcpy(&a2, s2 + c, sizeof(d4));
-      const d4 d = v - sh;
-      a1 += d;
-      a2 += d * d;
-      __builtin_memcpy(s1 + c, &a1, sizeof(d4));
-      __builtin_memcpy(s2 + c, &a2, sizeof(d4));
+      const d4 d = d4{x(c, r), x(c + 1, r), x(c + 2, r), x(c + 3, r)} - load4(shift + c);
+      store4(s1 + c, load4(s1 + c) + d);
+      store4(s2 + c, load4(s2 + c) + d * d);
     }
     for (; c < C; ++c) {
       const double d = x(c, r) - shift[c];
