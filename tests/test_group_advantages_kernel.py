@@ -234,12 +234,17 @@ def test_keyed_sums_keep_precision_in_float64():
         close(got, gold, torch.float64, R)
 
 
-@pytest.mark.parametrize("lo", [-(2**63), -5, 0, 2**63 - 71])
-def test_byte_map_numbering_every_span(lo):
+@pytest.mark.parametrize(
+    "id_dtype,lo",
+    [(torch.int64, lo) for lo in (-(2**63), -(2**31) - 3, -5, 0, 2**32 - 20, 2**63 - 71)]
+    + [(torch.int32, lo) for lo in (-(2**31), -5, 0, 2**31 - 71)],
+)
+def test_byte_map_numbering_every_span(id_dtype, lo):
     """Ids spanning 1 to 70 values (the byte map numbers them 8 at a time: every span modulo 8 and
-    across word boundaries), holes in the span, both ends present, at the ends of int64 too:
-    each group's rows are found (against the float64 gold on the ids shifted to start at 0), and
-    the numbering does not depend on where the span starts."""
+    across word boundaries), holes in the span, both ends present, at the ends of int64 and int32
+    too, and across a multiple of 2^32 (int64 ids are keyed by their low 32 bits, offsets taken
+    modulo 2^32): each group's rows are found (against the float64 gold on the ids shifted to
+    start at 0), and the numbering does not depend on where the span starts."""
     g = torch.Generator().manual_seed(11)
     for span in range(1, 71):
         present = torch.rand(span, generator=g) < 0.6
@@ -249,7 +254,8 @@ def test_byte_map_numbering_every_span(lo):
         pick = torch.cat([values, values[torch.randint(0, len(values), (n - len(values),), generator=g)]])
         pick = pick[torch.randperm(n, generator=g)]
         R = torch.randn(n, generator=g)
-        got = fusedrl.group_advantages(R, pick + lo, backend="cpu")  # int64 wraps only at the top end
+        ids = (pick + lo).to(id_dtype)  # int64 wraps only at the top end
+        got = fusedrl.group_advantages(R, ids, backend="cpu")
         gold = fusedrl.group_advantages(R.double(), pick, backend="torch")
         close(got, gold, torch.float32, R)
 

@@ -361,6 +361,12 @@ struct Run {
 
 // ---- the keyed layout ----
 
+// id - lo as an index, for id in [lo, lo + range]: int64 ids in 64-bit arithmetic; 32-bit ids
+// (int32 ids, or the low 32 bits of int64 ids when range < 2^32) modulo 2^32, exact for any
+// range < 2^32.
+FUSEDRL_HD uint64_t id_offset(int64_t id, uint64_t lo) { return uint64_t(id) - lo; }
+FUSEDRL_HD uint64_t id_offset(int32_t id, uint64_t lo) { return uint32_t(id) - uint32_t(lo); }
+
 // The dense key (group) of row r of raw ids: number[id_r - lo] (int32), looked up by pass 1 as it
 // reads the row (rows_with_keys). Id: the type the ids are read as (int32 or int64).
 template <typename Id>
@@ -369,11 +375,11 @@ struct Keys {
   int64_t stride;
   uint64_t lo;
   const int32_t* number;
-  int64_t operator()(int64_t r) const { return number[uint64_t(int64_t(ids[r * stride])) - lo]; }
+  int64_t operator()(int64_t r) const { return number[id_offset(ids[r * stride], lo)]; }
 };
 
-// Where the dense keys come from (make_keys): raw ids (int32 or int64) with their numbering, or
-// the hash path's int64 keys with number = identity.
+// Where the dense keys come from (make_keys): raw ids (int32 or int64), or the low 32 bits of
+// int64 ids, with their numbering; or the hash path's int64 keys with number = identity.
 struct KeySource {
   const void* ids;
   bool int32;
@@ -387,12 +393,14 @@ struct KeySource {
 };
 
 // The min and max of rows [r0, r1) of ids (to *lo and *hi); for contiguous ids a loop the compiler
-// vectorizes (in the ISA variants: AVX2 compares int64, the baseline ISA cannot).
+// vectorizes (in the ISA variants: AVX2 compares int64, the baseline ISA cannot). With low set
+// (int64 ids), also their low 32 bits to low [M].
 template <typename I>
 struct MinMaxJob {
   const I* ids;
   int64_t stride;
   int64_t *lo, *hi;
+  int32_t* low;
 };
 
 template <typename I>
@@ -400,11 +408,20 @@ FUSEDRL_HD void minmax_body(const MinMaxJob<I>& j, int64_t r0, int64_t r1) {
   const I* ids = j.ids;
   const int64_t stride = j.stride;
   int64_t lo = int64_t(ids[r0 * stride]), hi = lo;
+  int32_t* low = j.low;
   if (stride == 1) {
     I l = ids[r0], h = l;
-    for (int64_t r = r0; r < r1; ++r) {
-      l = ids[r] < l ? ids[r] : l;
-      h = ids[r] > h ? ids[r] : h;
+    if (low) {
+      for (int64_t r = r0; r < r1; ++r) {
+        l = ids[r] < l ? ids[r] : l;
+        h = ids[r] > h ? ids[r] : h;
+        low[r] = int32_t(uint32_t(ids[r]));
+      }
+    } else {
+      for (int64_t r = r0; r < r1; ++r) {
+        l = ids[r] < l ? ids[r] : l;
+        h = ids[r] > h ? ids[r] : h;
+      }
     }
     lo = int64_t(l);
     hi = int64_t(h);
@@ -413,6 +430,7 @@ FUSEDRL_HD void minmax_body(const MinMaxJob<I>& j, int64_t r0, int64_t r1) {
       const int64_t v = int64_t(ids[r * stride]);
       lo = v < lo ? v : lo;
       hi = v > hi ? v : hi;
+      if (low) low[r] = int32_t(uint32_t(v));
     }
   }
   *j.lo = lo;
@@ -439,7 +457,7 @@ MinMax64Fn minmax_fn(const int64_t*) {
 template <typename I>
 void mark_ids(const I* __restrict ids, int64_t stride, uint64_t base, uint8_t* __restrict marks, int64_t r0,
               int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) marks[uint64_t(int64_t(ids[r * stride])) - base] = 1;
+  for (int64_t r = r0; r < r1; ++r) marks[id_offset(ids[r * stride], base)] = 1;
 }
 
 // The dense keys of raw ids and their number G. When the ids span less than 4 M + 1024 values,
@@ -447,8 +465,12 @@ void mark_ids(const I* __restrict ids, int64_t stride, uint64_t base, uint8_t* _
 // its own byte map: no read-modify-write chain, unlike a bitmap's OR) and numbered in increasing
 // order, 8 at a time (the exclusive prefix count of 8 bytes of 0/1 is one multiplication); pass 1
 // then looks each row's key up in number [range] (int32) as it reads the row, instead of a
-// separate pass storing them. Else a hash table (open addressing, one thread) numbers them by
-// first appearance into sc.slot [M] and number is the identity.
+// separate pass storing them. int64 ids: the min/max pass also stores their low 32 bits in
+// sc.kept [M] (which pass 1 then overwrites with the keys), and the marking and pass 1 read those
+// (offsets modulo 2^32, exact as range < 2^32): the 8-byte ids are read once, not three times
+// (at 65,536 rows their 512 KB do not stay in a 512 KB L2 between passes). Else a hash table
+// (open addressing, one thread) numbers them by first appearance into sc.slot [M] and number is
+// the identity.
 template <typename I>
 KeySource make_keys(const I* ids, int64_t stride, int64_t M, Scratch& sc, int nt, int64_t& G) {
   G = 0;
@@ -465,17 +487,26 @@ KeySource make_keys(const I* ids, int64_t stride, int64_t M, Scratch& sc, int nt
     body(int64_t(omp_get_thread_num()));
   };
   const auto minmax = minmax_fn(ids);
-  in_parts([&](int64_t t) { minmax(MinMaxJob<I>{ids, stride, los + t, his + t}, M * t / parts, M * (t + 1) / parts); });
+  sc.kept.resize(size_t(M));
+  int32_t* low = std::is_same<I, int64_t>::value ? sc.kept.data() : nullptr;
+  in_parts([&](int64_t t) {
+    minmax(MinMaxJob<I>{ids, stride, los + t, his + t, low}, M * t / parts, M * (t + 1) / parts);
+  });
   const int64_t lo = *std::min_element(los, los + parts), hi = *std::max_element(his, his + parts);
   const uint64_t range = uint64_t(hi) - uint64_t(lo);  // no overflow for any int64 pair
-  if (range < uint64_t(4 * M + 1024)) {
+  if (range < uint64_t(4 * M + 1024) && range < (uint64_t(1) << 32)) {
+    if (low) out = KeySource{low, true, 1, 0, nullptr};
     const int64_t span = int64_t(range) + 1, padded = (span + 7) & ~int64_t(7);
     std::vector<uint8_t>& seen = sc.seen;
     seen.resize(size_t(parts * padded));
     in_parts([&](int64_t t) {
       uint8_t* own = seen.data() + t * padded;
       std::memset(own, 0, size_t(padded));
-      mark_ids(ids, stride, uint64_t(lo), own, M * t / parts, M * (t + 1) / parts);
+      if (low) {
+        mark_ids(low, 1, uint64_t(lo), own, M * t / parts, M * (t + 1) / parts);
+      } else {
+        mark_ids(ids, stride, uint64_t(lo), own, M * t / parts, M * (t + 1) / parts);
+      }
     });
     std::vector<int32_t>& number = sc.number;
     number.resize(size_t(padded));
@@ -1178,7 +1209,7 @@ int group_advantages_impl(const GroupAdvantageArgs& a) {
     const size_t SG = size_t(S * G), GC = size_t(G * p.C);
     p.G = G;
     p.S = S;
-    sc.kept.resize(size_t(M));
+    sc.kept.resize(size_t(M));  // (make_keys sized it)
     p.kept = sc.kept.data();
     sc.acc.assign(SG * size_t(1 + 3 * p.C), 0.0);
     sc.mean.resize(p.C > 1 ? GC : 0);
