@@ -1044,9 +1044,12 @@ void keyed_rows(const GaPlan& p, int64_t r0, int64_t r1) {
 // steps.
 template <typename T, typename Id, bool InPlace, bool One, typename Barrier>
 void keyed_all(const GaPlan& p, int64_t tid, int64_t cnt, const Barrier& barrier) {
-  const int64_t S = p.S, G = p.G;
+  const int64_t S = p.S, G = p.G, width = 1 + 3 * p.C;
+  // each slice's sums zeroed by the thread that adds into them (in its cache, not the caller's)
+  const int64_t s0 = S * tid / cnt, s1 = S * (tid + 1) / cnt;
+  std::memset(p.acc + s0 * G * width, 0, sizeof(double) * size_t((s1 - s0) * G * width));
   for (int phase = 1; phase <= (p.ties ? 2 : 1); ++phase) {
-    for (int64_t s = S * tid / cnt; s < S * (tid + 1) / cnt; ++s) keyed_pass<T, Id, InPlace, One>(p, phase, s);
+    for (int64_t s = s0; s < s1; ++s) keyed_pass<T, Id, InPlace, One>(p, phase, s);
     barrier();
     keyed_combine(p, phase, G * tid / cnt, G * (tid + 1) / cnt);
     barrier();
@@ -1211,7 +1214,7 @@ int group_advantages_impl(const GroupAdvantageArgs& a) {
     p.S = S;
     sc.kept.resize(size_t(M));  // (make_keys sized it)
     p.kept = sc.kept.data();
-    sc.acc.assign(SG * size_t(1 + 3 * p.C), 0.0);
+    sc.acc.resize(SG * size_t(1 + 3 * p.C));  // zeroed by keyed_all
     sc.mean.resize(p.C > 1 ? GC : 0);
     p.mean = sc.mean.data();
     sc.inv.resize(GC);
