@@ -589,8 +589,8 @@ struct GaPlan {
   int64_t *ties, *first;     // [S, G] grpo_passk: rows equal to the max, the first (-1: none); or null
   double* below;             // [S, G] grpo_passk: the max of the other values
   double *gmax, *inv, *second;  // [G, C] passk's max, 1 / the denominator; [G] passk's second max
-  SegmentMoments* mom;       // [G, C]
-  SegmentResult* res;        // [G, C]
+  SegmentMoments* mom;       // [G, C] (not written for C > 1 grpo, whose rows read mean and inv)
+  SegmentResult* res;        // [G, C] (idem)
 };
 
 // Rows [r0, r1) gathered (scalarized, or the columns split) in row order.
@@ -919,6 +919,7 @@ void keyed_pass(const GaPlan& p, int phase, int64_t s) {
 void keyed_combine(const GaPlan& p, int phase, int64_t g0, int64_t g1) {
   const GroupAdvantageArgs& a = *p.a;
   const int64_t C = p.C, G = p.G, GC = G * C, S = p.S, width = 1 + 3 * C;
+  const bool cols = C > 1 && a.estimator == kGrpo;  // the row pass reads mean and inv only
   for (int64_t g = g0; g < g1; ++g) {
     if (phase == 2) {
       int64_t first = -1, ties = 0;
@@ -958,10 +959,14 @@ void keyed_combine(const GaPlan& p, int phase, int64_t g0, int64_t g1) {
       sm.sq = n > 0 ? sq - sum * (sum / n) : 0.0;
       sm.wsum = wsum;
       sm.wx = wx;
-      p.mom[o] = sm;
-      p.res[o] = segment_result(sm, p.wsum != nullptr, a.singleton);
-      p.inv[o] = 1.0 / group_denominator(a.scale, p.res[o], p.batch_den[c], a.eps);
-      if (C > 1) p.mean[o] = p.res[o].mean;
+      const SegmentResult res = segment_result(sm, p.wsum != nullptr, a.singleton);
+      p.inv[o] = 1.0 / group_denominator(a.scale, res, p.batch_den[c], a.eps);
+      if (cols) {
+        p.mean[o] = res.mean;
+      } else {  // (72 bytes an entry: 580 KB at 65,536 rows, K = 4, which cols does not write)
+        p.mom[o] = sm;
+        p.res[o] = res;
+      }
       if (p.mx) p.gmax[o] = mx;
     }
   }
@@ -1025,7 +1030,7 @@ void keyed_rows_e(const GaPlan& p, int64_t r0, int64_t r1) {
 template <typename T, bool InPlace, bool One>
 void keyed_rows(const GaPlan& p, int64_t r0, int64_t r1) {
   if constexpr (!One) {
-    if (p.a->estimator == kGrpo) {
+    if (p.a->estimator == kGrpo) {  // (keyed_combine's cols)
       (isa_level() >= kIsaAvx2 ? keyed_rows_cols_avx2<T, InPlace> : keyed_rows_cols_base<T, InPlace>)(p, r0, r1);
       return;
     }
