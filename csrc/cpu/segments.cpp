@@ -411,17 +411,10 @@ FUSEDRL_HD void minmax_body(const MinMaxJob<I>& j, int64_t r0, int64_t r1) {
   int32_t* low = j.low;
   if (stride == 1) {
     I l = ids[r0], h = l;
-    if (low) {
-      for (int64_t r = r0; r < r1; ++r) {
-        l = ids[r] < l ? ids[r] : l;
-        h = ids[r] > h ? ids[r] : h;
-        low[r] = int32_t(uint32_t(ids[r]));
-      }
-    } else {
-      for (int64_t r = r0; r < r1; ++r) {
-        l = ids[r] < l ? ids[r] : l;
-        h = ids[r] > h ? ids[r] : h;
-      }
+    for (int64_t r = r0; r < r1; ++r) {  // (gcc unswitches on low: both loops vectorized)
+      l = ids[r] < l ? ids[r] : l;
+      h = ids[r] > h ? ids[r] : h;
+      if (low) low[r] = int32_t(uint32_t(ids[r]));
     }
     lo = int64_t(l);
     hi = int64_t(h);
