@@ -1,4 +1,4 @@
-"""Triton token log-probs (kernels/logprobs.py) in the interpreter against the reference and the
+"""Triton token log-probs (python/fusedrl/kernels/logprobs.py) in the interpreter against the reference and the
 C++ CPU kernel: values and gradients, block merges, masked vocabulary, NaN rows, strides, dtypes."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Triton fused policy objective (kernels/policy.py) in the interpreter against the plain-PyTorch
+"""Triton fused policy objective (python/fusedrl/kernels/policy.py) in the interpreter against the plain-PyTorch
 reference (backend="torch") and the C++ CPU kernel it mirrors: loss, every metric, d loss / d logp
 and d loss / d entropy over an option grid (every surrogate, ratio level, dual clip, delta, KL kind
 incl. the "+" kinds and bias correction, rollout mode, entropy bonus, aggregation incl. balanced

@@ -7,6 +7,7 @@ import math
 import numbers
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -45,3 +46,11 @@ def boolean(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
+
+
+def has_data(*tensors) -> bool:
+    """Whether checks may read the values of ``tensors``: False while torch.compile traces and for
+    fake or meta tensors (shapes and devices, no data), where data-dependent checks are skipped."""
+    if torch.compiler.is_compiling():
+        return False
+    return not any(t is not None and (t.is_meta or is_fake(t)) for t in tensors)

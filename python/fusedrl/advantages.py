@@ -469,7 +469,7 @@ def _token_ids(name: str, ids, rows: int, like: torch.Tensor, mask, low: int, hi
     else:
         valid = torch.ones_like(ids, dtype=torch.bool)
     bad = valid & ((ids < low) | (ids >= high))
-    if bool(bad.any()):
+    if check.has_data(ids) and bool(bad.any()):
         raise ValueError(f"{name} must be in [{low}, {high}) at every valid token, got {int(ids[bad][0])}")
     return ids
 

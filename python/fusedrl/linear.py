@@ -75,7 +75,7 @@ def validate(hidden, weight, labels, bias, temperature, ignore_index, return_ent
     )
     if chunk_size is not None and (check.integer("chunk_size", chunk_size) < 1):
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if not torch.compiler.is_compiling():
+    if check.has_data(labels):
         bad = (labels != params.ignore_index) & ((labels < 0) | (labels >= V))
         if bool(bad.any()):
             first = labels[bad].flatten()[0].item()
@@ -228,7 +228,7 @@ def _aggregation_weights(mask, mode, norms, dtype):
     re-derived here)."""
     from fusedrl.policy import aggregate  # noqa: PLC0415
 
-    v = torch.zeros(mask.shape, dtype=dtype, requires_grad=True)
+    v = torch.zeros(mask.shape, dtype=dtype, device=mask.device, requires_grad=True)
     (w,) = torch.autograd.grad(aggregate(v, mask, mode, **norms), v)
     return w
 
@@ -298,16 +298,15 @@ def single_pass_policy_loss(hidden, weight, labels, old_logp, advantages, mask, 
     if ent_agg is not None:
         chunk_options["entropy_coef"] = 0.0
 
-    logp = torch.empty(N, dtype=out)
-    entropy = torch.empty(N, dtype=out)
-    row_max, log_norm = torch.empty(N, dtype=out), torch.empty(N, dtype=out)
+    dev = hidden.device
+    logp, entropy, row_max, log_norm = (_ext.empty(N, out, dev) for _ in range(4))
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
     d_hidden = torch.empty_like(flat_h)
-    d_weight = torch.empty(weight.shape, dtype=acc)  # the first chunk writes it, the others add
-    d_bias = torch.zeros(V, dtype=acc) if bias is not None else None
+    d_weight = torch.empty(weight.shape, dtype=acc, device=dev)  # the first chunk writes it, the others add
+    d_bias = torch.zeros(V, dtype=acc, device=dev) if bias is not None else None
     forward_kernel, backward_kernel = op.LAUNCHERS[backend]
     chunk = chunk_size or default_chunk_size(N, V, hidden.dtype)
-    buffer = torch.empty(min(chunk, N), V, dtype=hidden.dtype)
+    buffer = torch.empty(min(chunk, N), V, dtype=hidden.dtype, device=dev)
     with torch.no_grad():
         for s in range(0, N, chunk):
             e = min(s + chunk, N)
@@ -350,7 +349,7 @@ def single_pass_policy_loss(hidden, weight, labels, old_logp, advantages, mask, 
             backend="torch", **{k: v for k, v in tensors.items() if v is not None},
             **{k: v for k, v in options.items() if k != "backend"},
         )
-    empty = torch.empty(0)
+    empty = torch.empty(0, device=dev)
     pieces = (
         d_hidden.view_as(hidden) if hidden.requires_grad else empty,
         d_weight.to(weight.dtype) if weight.requires_grad else empty,

@@ -571,7 +571,7 @@ def _packed(values_name, values, mask, cu_seqlens) -> int:
     check.same_device("cu_seqlens", cu_seqlens, values_name, values)
     n = values.shape[-1]
     cu = cu_seqlens.detach().to("cpu", torch.int64)
-    if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()) or int(cu[-1]) > n:
+    if check.has_data(cu_seqlens) and (int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()) or int(cu[-1]) > n):
         raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at most at N = {n}, got "
                          f"{cu.tolist() if cu.numel() <= 16 else '...'}")
     return cu.numel() - 1

@@ -153,7 +153,7 @@ def _mask(name, value, shape, like, like_name) -> torch.Tensor:
     if tuple(value.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(value.shape)}")
     check.same_device(name, value, like_name, like)
-    if value.dtype != torch.bool and bool(((value != 0) & (value != 1)).any()):
+    if value.dtype != torch.bool and check.has_data(value) and bool(((value != 0) & (value != 1)).any()):
         raise ValueError(f"{name} must hold only 0 and 1 (or be bool)")
     return value
 
@@ -170,7 +170,7 @@ def _data_tensor(name, value, shape, like, like_name, *, low=None, high=None) ->
         bad |= v < low
     if high is not None:
         bad |= v > high
-    if bool(bad.any()):
+    if check.has_data(value) and bool(bad.any()):
         first = v[bad].flatten()[0].item()
         rng = f" in [{'-inf' if low is None else low}, {'inf' if high is None else high}]"
         raise ValueError(f"{name} must be finite{rng if (low is not None or high is not None) else ''}, got {first}")

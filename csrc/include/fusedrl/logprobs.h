@@ -1,6 +1,6 @@
 // Token log-probs and entropy from logits: the per-element math, shared by the C++ CPU kernel
 // (csrc/cpu/logprobs.cpp) and the CUDA kernel (csrc/cuda/logprobs.cu). The Triton kernel
-// (kernels/logprobs.py) mirrors these functions line for line.
+// (python/fusedrl/kernels/logprobs.py) mirrors these functions line for line.
 //
 // With x_v = z_v / T (temperature T), a row's softmax statistics are kept as a running state
 //   m = max_v x_v,   s = sum_v exp(x_v - m),   t = sum_v exp(x_v - m) (x_v - m)

@@ -1,5 +1,5 @@
 // Per-token math of the fused policy objective (spec: python/fusedrl/reference/policy.py, kl.py),
-// shared by csrc/cpu/policy.cpp (g++) and csrc/cuda/policy.cu (nvcc); kernels/policy.py (Triton)
+// shared by csrc/cpu/policy.cpp (g++) and csrc/cuda/policy.cu (nvcc); python/fusedrl/kernels/policy.py (Triton)
 // mirrors it function by function. Plain C++ on plain numbers, templated on the accumulation type
 // A (float, or double for float64 log-probs).
 //

@@ -1,6 +1,6 @@
 // Masked scans along T (GAE, discounted returns, prefix sums) and the whitening statistics: the
 // per-step math, shared by the C++ CPU kernel (csrc/cpu/scan.cpp) and the CUDA kernel
-// (csrc/cuda/scan.cu). The Triton kernel (kernels/scan.py) mirrors these functions.
+// (csrc/cuda/scan.cu). The Triton kernel (python/fusedrl/kernels/scan.py) mirrors these functions.
 //
 // The spec is python/fusedrl/reference/advantages.py (reverse_scan, next_valid, gae,
 // discounted_returns, whiten, prefix_sum). For one row, walking t = T-1 .. 0 with the carries

@@ -1,5 +1,5 @@
 // Segment (group) statistics: the per-group math shared by csrc/cpu/segments.cpp and
-// csrc/cuda/segments.cu (kernels/segments.py mirrors it). Plain numbers, no torch.
+// csrc/cuda/segments.cu (python/fusedrl/kernels/segments.py mirrors it). Plain numbers, no torch.
 //
 // One group g holds n rows (n may be 0) with values x (one column at a time). The kernels walk the
 // rows of a group in increasing row order, in one thread, so every sum below has a fixed order

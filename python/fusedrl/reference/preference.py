@@ -68,11 +68,10 @@ def _data(t, dtype):
 def _mean(values: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
     """Detached mean of ``values`` (over ``where`` when given); NaN when nothing is selected."""
     values = values.detach()
-    if where is not None:
-        values = values[where]
-    if values.numel() == 0:
-        return torch.full((), float("nan"), dtype=values.dtype, device=values.device)
-    return values.mean()
+    if where is None:
+        return values.mean()  # NaN for an empty tensor
+    # A masked sum over the count (0 / 0 = NaN), not values[where]: no data-dependent shape, no sync.
+    return torch.where(where, values, 0.0).sum() / where.sum().to(values.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,8 +319,7 @@ def listwise_preference_loss(policy_logps, labels, ref_logps=None, *, mask=None,
     correct = (margin.detach() > 0) & pairs
     num_pairs = pairs.sum()
     metrics = {
-        "reward_accuracy": (correct.sum().to(dtype) / num_pairs.to(dtype)) if int(num_pairs) > 0
-        else torch.full((), float("nan"), dtype=dtype, device=s.device),
+        "reward_accuracy": correct.sum().to(dtype) / num_pairs.to(dtype),  # 0 / 0 = NaN: no pairs
         "num_pairs": num_pairs.to(dtype),
         "rewards_mean": _mean(s, valid),
     }

@@ -26,7 +26,7 @@ here                      fusedrl/policy.h / csrc/cpu/policy.cpp
 ``_stats_kernel``         ``stats_rows`` (pass 1): one program per row
 ``_loss_kernel``          ``loss_rows`` (pass 2): one program per row
 ``_store_as``             ``store`` / ``from_float<D>``: float64 stores as is, other outputs through
-                          float32 (bfloat16 with ``_to_output`` of kernels/logprobs.py)
+                          float32 (bfloat16 with ``_to_output`` of python/fusedrl/kernels/logprobs.py)
 ========================  ===========================================================================
 
 Mapping. One program per row (sequence) i; its span is tokens ``[start_i, start_i + len_i)`` with
