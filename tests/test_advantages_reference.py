@@ -1,4 +1,4 @@
-"""Advantages and scans against loops written from the formulas of shared/OBJECTIVES.md.
+"""Advantages and scans against loops written from the formulas of docs/OBJECTIVES.md.
 
 Every expected value here is computed by plain Python loops over rows, groups and tokens (floats,
 dicts, ``statistics``), independently of the vectorized reference. Covered: the group estimators

@@ -1,4 +1,4 @@
-"""policy_loss / aggregate / kl_penalty against independent loops written from shared/OBJECTIVES.md
+"""policy_loss / aggregate / kl_penalty against independent loops written from docs/OBJECTIVES.md
 (the paper objectives without a peer: CTPO, DHPO, balanced aggregation; bias-corrected k3; rollout
 correction incl. IcePop), plus the edge cases and laws every objective must keep: extreme
 log-ratios, fully masked batches, padding invariance, the micro-batch / rank invariance law for

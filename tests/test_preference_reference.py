@@ -1,4 +1,4 @@
-"""Preference losses against loops written from the formulas of shared/OBJECTIVES.md.
+"""Preference losses against loops written from the formulas of docs/OBJECTIVES.md.
 
 Every expected value is computed by plain Python loops over pairs, prompts and tokens, on 0-dim
 float64 tensors (so autograd gives the expected gradients too), independently of the vectorized

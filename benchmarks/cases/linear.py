@@ -1,4 +1,4 @@
-"""GRPO loss straight from hidden states and the LM head (issue 6), forward+backward:
+"""GRPO loss straight from hidden states and the LM head, forward+backward:
 fusedrl.LinearPolicyLoss vs eager torch (logits -> log_softmax -> gather -> loss) vs Liger's
 LigerFusedLinearGRPOLoss (compiled=False and compiled=True) vs the GEMM floor (the three GEMMs of
 any exact method: logits = h W^T, d h = G W, d W = G^T h). k3 KL with ref_logp precomputed."""
@@ -141,7 +141,7 @@ def targets(cfg, res) -> list[str]:
 
 class memory:  # noqa: N801  (a second case in this file: the memory slope over N)
     """Peak memory at N = 2048, 4096, 8192 (H=512, V=151936) for eager, Liger and fusedrl: the
-    slope is the memory each added token costs (issue 6)."""
+    slope is the memory each added token costs."""
 
     CASE = "linear_memory"
     floor_note = "none (memory only)"

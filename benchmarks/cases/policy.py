@@ -1,6 +1,6 @@
-"""The fused policy objective (issue 4), forward+backward of the loss w.r.t. logp at B x T:
+"""The fused policy objective, forward+backward of the loss w.r.t. logp at B x T:
 fusedrl.policy_loss (cpu kernel) vs the reference (fusedrl's torch backend) vs TRL's
-GRPOTrainer._compute_loss math (called unmodified on a stub trainer, shared/PEERS.md) vs verl's
+GRPOTrainer._compute_loss math (called unmodified on a stub trainer, docs/PEERS.md) vs verl's
 compute_policy_loss_vanilla / gspo / cispo + kl_penalty + agg_loss vs the memory floor.
 
 Configurations (each also with ``+tis``: token_truncate rollout correction, cap 2):

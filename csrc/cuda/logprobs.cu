@@ -118,8 +118,8 @@ template <typename T> struct BwdParams {
   int64_t grad_row_stride;
 };
 
-// A read-only 16-byte load (through the non-coherent cache on the device; plain on the host,
-// where the host-side emulation in the tests calls the row walkers below).
+// A read-only 16-byte load: through the non-coherent cache on the device, a plain load when the
+// header is compiled for the host.
 FUSEDRL_HD uint4 load_vec(const uint4* p) {
 #if defined(__CUDA_ARCH__)
   return __ldg(p);

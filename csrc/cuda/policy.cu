@@ -37,7 +37,8 @@
 // 512 checkpoints (16 B each), so rows up to 1M (float) / 512K (double) tokens use stride 1.
 //
 // The row functions are templated on the block type (DeviceBlock: threadIdx, __syncthreads, warp
-// shuffles and shared memory), so their logic can also be run on the host with emulated threads.
+// shuffles and shared memory), which keeps the thread cooperation in one place; only DeviceBlock
+// exists, so they are exercised on a GPU only (tests/gpu).
 #include <cuda_runtime.h>
 
 #include <climits>

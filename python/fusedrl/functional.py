@@ -28,7 +28,7 @@ def token_logprobs(
 
     Gradients flow to ``logits`` through both outputs:
     :math:`\partial \log p / \partial z_v = (1[v = label] - p_v) / T` and
-    :math:`\partial H / \partial z_v = -p_v (\log p_v + H) / T` (shared/OBJECTIVES.md).
+    :math:`\partial H / \partial z_v = -p_v (\log p_v + H) / T` (docs/OBJECTIVES.md).
     Equal to TRL's ``selective_log_softmax(logits / T, labels)`` and ``entropy_from_logits``, but
     the kernels never hold an ``[N, V]`` float32 log-softmax: the forward is one online
     log-sum-exp pass over V per row, and the backward recomputes the softmax from the saved

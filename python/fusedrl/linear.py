@@ -12,7 +12,7 @@ Why the backward recomputes (the general path) rather than computing the gradien
 (Liger's choice): the forward does not know the upstream gradients of logp and entropy, so it could
 only precompute them for a fixed loss. Recomputing costs one more GEMM per chunk and keeps
 ``linear_logprobs`` an ordinary differentiable function that composes with any loss. A fused loss
-that knows its upstream gradient (``LinearPolicyLoss``, issue 6) can take the single-pass path.
+that knows its upstream gradient (``LinearPolicyLoss``) can take the single-pass path.
 """
 
 from __future__ import annotations

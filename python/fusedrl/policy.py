@@ -1,8 +1,11 @@
 r"""Policy-gradient objectives: KL estimators, loss aggregation and the policy loss.
 
 Each public function validates its arguments (TypeError / ValueError naming the argument), freezes
-its options into a params dataclass, picks a backend (:mod:`fusedrl.dispatch`; only the ``torch``
-reference exists for this family yet) and calls it. The math lives in
+its options into a params dataclass, picks a backend (:mod:`fusedrl.dispatch`) and calls it.
+:func:`policy_loss` runs on the ``cpu``, ``cuda`` and ``triton`` kernels (:mod:`fusedrl.ops.policy`),
+which compute the ratio, surrogate, rollout correction, KL, entropy bonus and aggregation of every
+token in one pass; the standalone :func:`kl_penalty` and :func:`aggregate` run on the ``torch``
+reference only (they are one elementwise op or one reduction). The math lives in
 :mod:`fusedrl.reference.kl`, :mod:`fusedrl.reference.aggregate` and :mod:`fusedrl.reference.policy`.
 Presets that translate TRL and verl settings into :func:`policy_loss` keywords are in
 :mod:`fusedrl.presets`.
@@ -236,7 +239,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3", *, 
     r"""Per-token KL estimate between the policy and a reference policy.
 
     With :math:`x` = ``logp``, :math:`r` = ``ref_logp`` and :math:`d = r - x` (Schulman's
-    estimators; shared/OBJECTIVES.md):
+    estimators; docs/OBJECTIVES.md):
 
     - ``"k1"``: :math:`x - r`; ``"abs"``: :math:`|x - r|`; ``"k2"``: :math:`\tfrac12 (x - r)^2`;
     - ``"k3"``: :math:`e^{d} - d - 1`, unclamped, as TRL's GRPO (overflows to inf for
@@ -251,9 +254,9 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3", *, 
     Args:
         logp, ref_logp: float tensors of the same shape (any shape, any float dtype).
         kind: the estimator.
-        cu_seqlens: int32/int64 [S + 1] for the packed layout (see Layouts), or None.
-        backend: ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"`` (see :mod:`fusedrl.dispatch`);
-            None picks the first that accepts the call.
+        backend: accepted for symmetry with the fused functions (see :mod:`fusedrl.dispatch`); only
+            the ``torch`` reference implements this op, so any other choice warns and falls
+            through to it. :func:`policy_loss` computes the same estimators inside its kernels.
 
     Returns:
         The per-token estimate, float32 (float64 for float64 input), differentiable w.r.t. both.
@@ -317,7 +320,8 @@ def aggregate(
         advantages: [B] or [B, T]; required by ``"balanced"`` (their signs).
         group_ids: int [B], any integer ids; used by ``"balanced"``.
         exclude_empty_rows: verl's rule for the default S of the seq-mean modes.
-        backend: see :mod:`fusedrl.dispatch`.
+        backend: see :mod:`fusedrl.dispatch`; only the ``torch`` reference implements this op
+            (:func:`policy_loss` aggregates inside its kernels).
 
     Returns:
         A 0-dim float32 tensor (float64 for float64 values).

@@ -322,7 +322,7 @@ def preference_loss(
       gamma=0.0, average_log_prob=False, chosen_lengths=...`` (no reference). ``label_smoothing``
       then smooths it as Liger / TRL's CPO do. TRL CPO ``hinge`` is ``"hinge"`` and CPO ``ipo`` is
       ``"ipo"`` without a reference; add ``"sft"`` for the NLL term.
-    - RPO: ``rpo_alpha`` adds :math:`\alpha\,\mathrm{mean}_i(-pc_i/|y_{c,i}|)` (OBJECTIVES.md: NLL of
+    - RPO: ``rpo_alpha`` adds :math:`\alpha\,\mathrm{mean}_i(-pc_i/|y_{c,i}|)` (docs/OBJECTIVES.md: NLL of
       the chosen response per token, averaged per pair; our reading). The batch token-mean form of
       old TRL ``rpo_alpha`` and TRL 1.16 is ``loss_type=[..., "sft"], loss_weights=[..., alpha]``.
 

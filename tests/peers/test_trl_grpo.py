@@ -1,6 +1,6 @@
 """policy_loss + presets.trl against TRL's GRPOTrainer._compute_loss (trl 1.16.0).
 
-`_compute_loss` runs unmodified with a SimpleNamespace standing in for the trainer (shared/PEERS.md):
+`_compute_loss` runs unmodified with a SimpleNamespace standing in for the trainer (docs/PEERS.md):
 a stub `_get_per_token_logps_and_entropies` returns our float64 leaf log-probs, the accelerator is an
 identity. Loss and gradient w.r.t. the policy log-probs are compared for every loss_type x
 importance_sampling_level x (beta, use_bias_correction_kl) x delta x epsilon_high, with gradient

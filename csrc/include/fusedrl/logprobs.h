@@ -8,7 +8,7 @@
 // Keeping t relative to the max (not sum p x) avoids the cancellation of lse - E[x] when the
 // entropy is small. A row's result is saved as the pair (m, log s), never as lse = m + log s:
 // with large logits (|x| ~ 1e4) the sum would round away the digits of log s, so every log-prob
-// is formed as (x - m) - log s. The gradients (shared/OBJECTIVES.md, "Token log-probs"):
+// is formed as (x - m) - log s. The gradients (docs/OBJECTIVES.md, "Token log-probs"):
 //   d logp / d z_v = (1[v = label] - p_v) / T,   d H / d z_v = -p_v (log p_v + H) / T,
 // with 1 - p_label computed as -expm1(log p_label) (exact when p_label is close to 1).
 #pragma once

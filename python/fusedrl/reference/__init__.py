@@ -1,6 +1,6 @@
 """Plain-PyTorch references: the spec, the ``torch`` backend and the oracle of every kernel.
 
-Written for clarity, not speed or memory: each function is the formula of shared/OBJECTIVES.md
+Written for clarity, not speed or memory: each function is the formula of docs/OBJECTIVES.md
 in eager PyTorch, differentiable by autograd, computed in float32 (float64 for float64 input).
 """
 

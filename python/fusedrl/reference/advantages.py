@@ -1,4 +1,4 @@
-r"""Reference advantage estimators and scans (shared/OBJECTIVES.md, "Advantages").
+r"""Reference advantage estimators and scans (docs/OBJECTIVES.md, "Advantages").
 
 Two primitives carry every estimator here, and they are the spec of the future segment kernels:
 

@@ -1,7 +1,7 @@
 """Reference per-token KL estimators between the policy and a reference policy.
 
 With x = log pi_theta(token) (differentiable), r = log pi_ref(token) and d = r - x
-(J. Schulman, "Approximating KL divergence", 2020; shared/OBJECTIVES.md "KL estimators"):
+(J. Schulman, "Approximating KL divergence", 2020; docs/OBJECTIVES.md "KL estimators"):
 
 ============== ============================================================= =====================
 kind           value                                                         follows

@@ -1,7 +1,7 @@
 """Reference policy-gradient loss: importance ratio -> surrogate -> masks and rollout correction ->
-KL -> entropy -> aggregation, per token in TRL's order (shared/OBJECTIVES.md "Surrogates").
+KL -> entropy -> aggregation, per token in TRL's order (docs/OBJECTIVES.md "Surrogates").
 
-Notation (shared/OBJECTIVES.md): x = log pi_theta (the differentiable input), o = log pi_old,
+Notation (docs/OBJECTIVES.md): x = log pi_theta (the differentiable input), o = log pi_old,
 r = log pi_ref, mu = log pi_rollout, rho = x - o, A the advantage (per sequence, broadcast, or per
 token), m the mask (0 = padding; bool/int 1 or a float per-token weight), |y_i| = sum_t m_it,
 sg = stop-gradient.

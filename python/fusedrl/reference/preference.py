@@ -1,7 +1,7 @@
 r"""Reference preference losses: DPO family (every TRL 1.16 ``loss_type``), SimPO/CPO, RPO, f-DPO, soft
 labels and per-pair weights, LiPO-lambda, CPL, KTO and ORPO.
 
-Plain eager PyTorch written from shared/OBJECTIVES.md and the peers' source (TRL 1.16.0
+Plain eager PyTorch written from docs/OBJECTIVES.md and the peers' source (TRL 1.16.0
 ``trl/trainer/dpo_trainer.py``, ``trl/trainer/kto_trainer.py``, ``trl/experimental/{cpo,orpo}``; Liger 0.8.5
 ``liger_kernel/chunked_loss/{simpo,cpo,orpo,kto}_loss.py``). Everything is computed in float32 (float64
 when an input is float64) and is differentiable by autograd with respect to every log-prob input.
