@@ -1,17 +1,18 @@
 """A toy world built in code, for the demo and the integration tests: no hub, no files.
 
 - :func:`tokenizer`: a character-level ``PreTrainedTokenizerFast`` (``tokenizers`` WordLevel over
-  digits, ``+``, ``=``, lower-case letters and space; ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2),
-  left-padded as generation wants.
+  digits, ``+``, ``=``, lower-case letters and space; ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2;
+  optionally padded to a larger vocabulary), left-padded as generation wants.
 - :func:`model`: a random-init Qwen2 causal LM of that vocabulary (sizes are arguments).
 - :func:`addition_prompts` / :func:`addition_reward`: the verifiable task "a+b=" -> the digits of
-  a + b, then ``<eos>``; the reward is 1 for the exact answer, with partial credit (per correct
-  leading digit, for stopping right after the answer) so that a random model's reward can rise.
+  a + b, then ``<eos>``; the reward is 1 for the exact answer, 0.25 for a wrong number of the
+  right length.
 """
 
 from __future__ import annotations
 
 import random
+import re
 
 import torch
 
@@ -20,13 +21,17 @@ __all__ = ["tokenizer", "model", "config", "addition_prompts", "addition_reward"
 CHARS = "0123456789+= abcdefghijklmnopqrstuvwxyz"
 
 
-def tokenizer():
+def tokenizer(vocab_size: int | None = None):
+    """The character tokenizer; ``vocab_size`` > 42 pads the vocabulary with tokens ``<f42>``,
+    ``<f43>``, ... (a model over a realistic vocabulary, whose extra tokens the task never uses)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: PLC0415
     from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
 
     vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2}
     for c in CHARS:
         vocab[c] = len(vocab)
+    for i in range(len(vocab), vocab_size or 0):
+        vocab[f"<f{i}>"] = i
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     tok.decoder = decoders.Fuse()
@@ -56,27 +61,25 @@ def model(seed: int = 0, **sizes):
     return Qwen2ForCausalLM(config(**sizes))
 
 
-def addition_prompts(n: int, *, max_operand: int = 9, seed: int = 0) -> list[str]:
-    """``n`` prompts ``"a+b="`` with a, b drawn uniformly from [0, max_operand]."""
+def addition_prompts(n: int, *, max_operand: int = 9, seed: int = 0, prefix: str = "") -> list[str]:
+    """``n`` prompts ``prefix + "a+b="`` with a, b drawn uniformly from [0, max_operand]
+    (``prefix``: an instruction in the tokenizer's characters, e.g. ``"add the numbers "``)."""
     rng = random.Random(seed)
-    return [f"{rng.randint(0, max_operand)}+{rng.randint(0, max_operand)}=" for _ in range(n)]
+    return [f"{prefix}{rng.randint(0, max_operand)}+{rng.randint(0, max_operand)}=" for _ in range(n)]
 
 
 def addition_reward(prompts, completions, **_) -> list[float]:
-    """TRL reward function: 1.0 for exactly the digits of a + b; otherwise 0.25 per correct
-    leading digit plus 0.25 if the completion is no longer than the answer (it stopped)."""
+    """TRL reward function: 1.0 for exactly the digits of a + b; 0.25 for another number of the
+    right length (the format without the answer); 0 otherwise (empty, other tokens, too long)."""
     out = []
     for prompt, completion in zip(prompts, completions):
-        a, b = prompt.rstrip("=").split("+")
+        a, b = re.fullmatch(r".*?(\d+)\+(\d+)=", prompt).groups()
         answer = str(int(a) + int(b))
         got = completion.strip()
         if got == answer:
             out.append(1.0)
-            continue
-        leading = 0
-        for x, y in zip(got, answer):
-            if x != y:
-                break
-            leading += 1
-        out.append(0.25 * leading + (0.25 if len(got) <= len(answer) else 0.0))
+        elif got.isdigit() and len(got) == len(answer):
+            out.append(0.25)
+        else:
+            out.append(0.0)
     return out
