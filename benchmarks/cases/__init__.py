@@ -6,7 +6,7 @@ zero-argument function running one forward+backward; `impl` names include "fused
 floor_note: what the floor measures.
 """
 
-from benchmarks.cases import advantages, gae, linear, logprobs, policy
+from benchmarks.cases import advantages, gae, linear, logprobs, policy, train_step
 
 CASES = {
     logprobs.CASE: logprobs,
@@ -15,4 +15,5 @@ CASES = {
     linear.CASE: linear,
     linear.memory.CASE: linear.memory,
     policy.CASE: policy,
+    train_step.CASE: train_step,
 }
