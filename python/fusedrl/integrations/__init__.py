@@ -10,4 +10,7 @@ none of them):
   returns; nothing global is patched).
 - :mod:`fusedrl.integrations.trl`: ``GRPOTrainer``, a subclass of TRL's, so that
   ``from fusedrl.integrations.trl import GRPOTrainer`` is the whole change for a TRL user.
+- :mod:`fusedrl.integrations.verl`: ``register()`` adds ``fusedrl_*`` policy losses to verl's
+  own registry (``unregister()`` removes them).
+- :mod:`fusedrl.integrations.toy`: the toy tokenizer, model and task of the demo and the tests.
 """

@@ -1,0 +1,97 @@
+"""fusedrl's policy losses in verl 0.9.1's own registry, under ``fusedrl_*`` names.
+
+>>> from fusedrl.integrations import verl as fusedrl_verl
+>>> fusedrl_verl.register()      # doctest: +SKIP
+then select ``actor_rollout_ref.actor.policy_loss.loss_mode=fusedrl_vanilla`` (or
+``fusedrl_gspo``, ``fusedrl_gpg``, ``fusedrl_cispo``, ``fusedrl_sapo``, ``fusedrl_geo_mean``) in
+verl's config. Each registered function has verl's ``PolicyLossFn`` signature and reads verl's
+``ActorConfig`` (``clip_ratio``, ``clip_ratio_low`` / ``_high``, ``clip_ratio_c``, ``tau_pos`` /
+``tau_neg``, ``global_batch_info``), so the loss equals verl's function of the same mode: the
+keywords come from :func:`fusedrl.presets.verl`, and verl's ``dp_size`` factor is applied (fusedrl's
+own losses add up over ranks, verl's are multiplied by ``dp_size``; see "Scaling" in
+:func:`fusedrl.policy_loss`). verl's precomputed ``rollout_is_weights`` are refused with a
+ValueError (fusedrl computes the rollout correction from the rollout log-probs:
+``fusedrl.policy_loss(rollout_logp=...)``). ``unregister()`` removes the names again; verl's own
+entries are never touched.
+
+Metrics: ``actor/pg_clipfrac`` (tokens whose trust region is active), ``actor/ppo_kl`` (mean of
+old - new log-prob) and, for ``vanilla``, ``actor/pg_clipfrac_lower`` (the dual clip), as verl's
+``vanilla`` reports them.
+"""
+
+from __future__ import annotations
+
+import torch
+from verl.trainer.ppo import core_algos
+
+import fusedrl
+from fusedrl import presets
+
+__all__ = ["register", "unregister", "policy_loss_fn", "NAMES"]
+
+NAMES = {f"fusedrl_{mode}": mode for mode in presets.VERL_LOSS_MODES}
+
+
+def _options(config, mode: str, loss_agg_mode: str) -> dict:
+    kw = dict(clip_ratio=config.clip_ratio, clip_ratio_low=config.clip_ratio_low, clip_ratio_high=config.clip_ratio_high)
+    if mode == "vanilla":
+        kw["clip_ratio_c"] = config.get("clip_ratio_c", 3.0)
+    if mode == "sapo":
+        kw.update(tau_pos=config.tau_pos, tau_neg=config.tau_neg)
+    return presets.verl(mode, loss_agg_mode, **kw)
+
+
+def policy_loss_fn(mode: str):
+    """verl ``PolicyLossFn`` computing verl's loss ``mode`` with :func:`fusedrl.policy_loss`."""
+    if mode not in presets.VERL_LOSS_MODES:
+        raise ValueError(f"mode must be one of {presets.VERL_LOSS_MODES}, got {mode!r}")
+
+    def loss_fn(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                response_mask: torch.Tensor, loss_agg_mode: str = "token-mean", config=None,
+                rollout_is_weights: torch.Tensor | None = None):
+        if config is None:
+            raise ValueError(f"fusedrl_{mode}: config (verl's ActorConfig) is required")
+        if rollout_is_weights is not None:
+            raise ValueError(f"fusedrl_{mode}: rollout_is_weights (precomputed rollout-correction weights) are not "
+                             "supported; pass the rollout log-probs to fusedrl.policy_loss(rollout_logp=...) instead")
+        info = dict(config.global_batch_info or {})
+        dp = info.get("dp_size", 1) or 1
+        counts = {}
+        if mode != "geo_mean":  # verl's geo_mean is a plain mean over rows whatever global_batch_info says
+            counts = dict(num_tokens=info.get("batch_num_tokens"), num_sequences=info.get("global_batch_size"),
+                          max_length=info.get("loss_scale_factor"))
+        else:
+            dp = 1
+        loss, metrics = fusedrl.policy_loss(log_prob, old_log_prob, advantages, response_mask,
+                                            **_options(config, mode, loss_agg_mode), **counts)
+        with torch.no_grad():
+            m = response_mask.to(log_prob.dtype)
+            ppo_kl = ((old_log_prob - log_prob.detach()) * m).sum() / m.sum().clamp(min=1)
+        out = {"actor/pg_clipfrac": (metrics["clipfrac_low"] + metrics["clipfrac_high"]).item(),
+               "actor/ppo_kl": ppo_kl.item()}
+        if "clipfrac_dual" in metrics:
+            out["actor/pg_clipfrac_lower"] = metrics["clipfrac_dual"].item()
+        return loss * dp, out
+
+    loss_fn.__name__ = f"fusedrl_{mode}"
+    return loss_fn
+
+
+def register() -> list[str]:
+    """Adds the ``fusedrl_*`` policy losses to verl's POLICY_LOSS_REGISTRY; returns their names.
+    A name already registered to something else raises a ValueError."""
+    for name in NAMES:
+        current = core_algos.POLICY_LOSS_REGISTRY.get(name)
+        if current is not None and getattr(current, "__module__", None) != __name__:
+            raise ValueError(f"verl policy loss {name!r} is already registered by {current.__module__}")
+    for name, mode in NAMES.items():
+        core_algos.register_policy_loss(name)(policy_loss_fn(mode))
+    return list(NAMES)
+
+
+def unregister() -> None:
+    """Removes the names :func:`register` added (only those whose function is fusedrl's)."""
+    for name in NAMES:
+        fn = core_algos.POLICY_LOSS_REGISTRY.get(name)
+        if fn is not None and getattr(fn, "__module__", None) == __name__:
+            del core_algos.POLICY_LOSS_REGISTRY[name]
