@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from benchmarks.cases.linear import _step
+
 CASE = "train_step"
 floor_note = "none (the targets compare fusedrl with TRL)"
 BETA = 0.04
@@ -85,16 +87,7 @@ def _whole(cls_name):
         trainer = _trainer(GRPOTrainer if cls_name == "fusedrl" else trl.GRPOTrainer, model, cfg)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-
-        def step():
-            loss = trainer._compute_loss(trainer.model, inputs)
-            loss.backward()
-            grads = [p.grad for p in params]
-            for p in params:
-                p.grad = None
-            return grads
-
-        return step
+        return _step(params, lambda: trainer._compute_loss(trainer.model, inputs))
 
     return make
 
@@ -122,20 +115,16 @@ def make_fusedrl_loss(cfg):
     mask = inputs["completion_mask"]
     options = fusedrl.presets.trl("grpo", beta=BETA)
 
-    def step():
+    def loss():
         h = hidden[:, -C - 1:-1]
         lab = labels[:, -C:]
         keep = lab != -100
         lp, ent = fusedrl.linear_logprobs(h[keep], weight, lab[keep], return_entropy=True)
         logp = lp.new_zeros(keep.shape).masked_scatter(keep, lp)
-        loss, _ = fusedrl.policy_loss(logp, None, inputs["advantages"], mask, ref_logp=inputs["ref_per_token_logps"],
-                                      num_sequences=cfg["B"], **options)
-        loss.backward()
-        grads = hidden.grad, weight.grad
-        hidden.grad = weight.grad = None
-        return grads
+        return fusedrl.policy_loss(logp, None, inputs["advantages"], mask, ref_logp=inputs["ref_per_token_logps"],
+                                   num_sequences=cfg["B"], **options)[0]
 
-    return step
+    return _step([hidden, weight], loss)
 
 
 def _stub(cfg, per_token):
@@ -180,15 +169,7 @@ def _make_trl_loss(compact):
             return lp[:, -C:], ent[:, -C:]
 
         stub = _stub(cfg, per_token)
-
-        def step():
-            loss = GRPOTrainer._compute_loss(stub, None, inputs)
-            loss.backward()
-            grads = hidden.grad, weight.grad
-            hidden.grad = weight.grad = None
-            return grads
-
-        return step
+        return _step([hidden, weight], lambda: GRPOTrainer._compute_loss(stub, None, inputs))
 
     return make
 
