@@ -1,9 +1,12 @@
 """fusedrl.integrations.verl: the fusedrl_* policy losses registered in verl's own registry equal
 verl's functions of the same mode (values, gradients and the shared metrics), locally and with
-verl's global_batch_info (dp_size included); refusals; register / unregister."""
+verl's global_batch_info (dp_size included); the fusedrl_* advantage estimators equal verl's of the
+same name on string uids in shuffled order (zero-variance groups included); refusals; register /
+unregister."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,10 +90,12 @@ def test_refusals():
 
 
 def test_register_is_reversible_and_leaves_verls_entries(registered):
-    assert set(registered) == {f"fusedrl_{m}" for m in MODES}
+    assert set(registered) == {f"fusedrl_{m}" for m in MODES} | {f"fusedrl_{e}" for e in ESTIMATORS}
+    assert all(f"fusedrl_{e}" in core_algos.ADV_ESTIMATOR_REGISTRY for e in ESTIMATORS)
     before = dict(core_algos.POLICY_LOSS_REGISTRY)
     fverl.unregister()
     assert not any(n.startswith("fusedrl_") for n in core_algos.POLICY_LOSS_REGISTRY)
+    assert not any(n.startswith("fusedrl_") for n in core_algos.ADV_ESTIMATOR_REGISTRY)
     assert all(core_algos.POLICY_LOSS_REGISTRY[n] is f for n, f in before.items() if not n.startswith("fusedrl_"))
     fverl.register()
     core_algos.POLICY_LOSS_REGISTRY["fusedrl_gpg"] = core_algos.POLICY_LOSS_REGISTRY["gpg"]
@@ -100,3 +105,53 @@ def test_register_is_reversible_and_leaves_verls_entries(registered):
     finally:
         del core_algos.POLICY_LOSS_REGISTRY["fusedrl_gpg"]
         fverl.register()
+
+
+ESTIMATORS = ["grpo", "rloo", "opo", "gpg", "grpo_passk", "reinforce_plus_plus_baseline"]
+
+
+def adv_batch(seed, binary, singleton):
+    g = torch.Generator().manual_seed(seed)
+    sizes = [3, 2, 4, 3] + ([1] if singleton else [])
+    n = sum(sizes)
+    labels = [f"uid-{seed}-{k}" for k in range(len(sizes))]
+    perm = torch.randperm(n, generator=g)
+    index = np.array([labels[k] for k, size in enumerate(sizes) for _ in range(size)], dtype=object)[perm.numpy()]
+    T = 7
+    lengths = torch.randint(1, T + 1, (n,), generator=g)
+    mask = (torch.arange(T)[None] < lengths[:, None]).to(torch.float64)
+    R = torch.randint(0, 2, (n,), generator=g).double() if binary else torch.randn(n, generator=g, dtype=torch.float64)
+    rewards = torch.zeros(n, T, dtype=torch.float64)
+    rewards[torch.arange(n), lengths - 1] = R
+    return rewards, mask, index
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["gauss", "binary"])
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_advantage_estimators_equal_verls(estimator, norm, binary):
+    rewards, mask, index = adv_batch(3, binary, singleton=estimator != "grpo_passk")
+    kwargs = dict(token_level_rewards=rewards, response_mask=mask, index=index, epsilon=1e-6,
+                  config={"norm_adv_by_std_in_grpo": norm})
+    if estimator in ("grpo", "grpo_passk"):
+        kwargs["norm_adv_by_std_in_grpo"] = norm
+    theirs, their_returns = core_algos.get_adv_estimator_fn(estimator)(**kwargs)
+    ours, returns = core_algos.get_adv_estimator_fn(f"fusedrl_{estimator}")(**kwargs)
+    assert ours.shape == theirs.shape == (rewards.shape[0], rewards.shape[1])
+    # verl mixes float32 into some float64 paths (its singleton constants torch.tensor(0.0) / (1.0),
+    # gpg's scaling): float32 rounding of O(1) values is the tolerance
+    torch.testing.assert_close(ours, theirs.to(ours.dtype), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(returns, their_returns.to(ours.dtype), rtol=1e-6, atol=1e-6)
+    assert ours.abs().sum() > 0
+
+
+def test_advantage_refusals():
+    rewards, mask, index = adv_batch(0, False, False)
+    with pytest.raises(ValueError, match="index"):
+        core_algos.get_adv_estimator_fn("fusedrl_grpo")(rewards, mask, None)
+    with pytest.raises(ValueError, match="index must have one uid per response"):
+        core_algos.get_adv_estimator_fn("fusedrl_grpo")(rewards, mask, index[:-1])
+    with pytest.raises(ValueError, match="f_norm"):
+        core_algos.get_adv_estimator_fn("fusedrl_gpg")(rewards, mask, index, f_norm=2.0)
+    with pytest.raises(ValueError, match="name must be one of"):
+        fverl.advantage_fn("gae")

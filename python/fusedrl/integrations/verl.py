@@ -1,4 +1,5 @@
-"""fusedrl's policy losses in verl 0.9.1's own registry, under ``fusedrl_*`` names.
+"""fusedrl's policy losses and advantage estimators in verl 0.9.1's own registries, under
+``fusedrl_*`` names.
 
 >>> from fusedrl.integrations import verl as fusedrl_verl
 >>> fusedrl_verl.register()      # doctest: +SKIP
@@ -11,8 +12,11 @@ keywords come from :func:`fusedrl.presets.verl`, and verl's ``dp_size`` factor i
 own losses add up over ranks, verl's are multiplied by ``dp_size``; see "Scaling" in
 :func:`fusedrl.policy_loss`). verl's precomputed ``rollout_is_weights`` are refused with a
 ValueError (fusedrl computes the rollout correction from the rollout log-probs:
-``fusedrl.policy_loss(rollout_logp=...)``). ``unregister()`` removes the names again; verl's own
-entries are never touched.
+``fusedrl.policy_loss(rollout_logp=...)``). Advantage estimators (``algorithm.adv_estimator=
+fusedrl_grpo``, ``fusedrl_rloo``, ``fusedrl_opo``, ``fusedrl_gpg``, ``fusedrl_grpo_passk``,
+``fusedrl_reinforce_plus_plus_baseline``) run :func:`fusedrl.group_advantages` on the summed
+token rewards, verl's uids mapped to integer group ids. ``unregister()`` removes the names again;
+verl's own entries are never touched.
 
 Metrics: ``actor/pg_clipfrac`` (tokens whose trust region is active), ``actor/ppo_kl`` (mean of
 old - new log-prob) and, for ``vanilla``, ``actor/pg_clipfrac_lower`` (the dual clip), as verl's
@@ -27,9 +31,13 @@ from verl.trainer.ppo import core_algos
 import fusedrl
 from fusedrl import presets
 
-__all__ = ["register", "unregister", "policy_loss_fn", "NAMES"]
+__all__ = ["register", "unregister", "policy_loss_fn", "advantage_fn", "NAMES", "ADV_NAMES"]
 
 NAMES = {f"fusedrl_{mode}": mode for mode in presets.VERL_LOSS_MODES}
+# verl advantage estimator -> fusedrl.group_advantages estimator
+ADV_NAMES = {f"fusedrl_{name}": (name, est) for name, est in (
+    ("grpo", "grpo"), ("rloo", "rloo"), ("opo", "opo"), ("gpg", "gpg"), ("grpo_passk", "grpo_passk"),
+    ("reinforce_plus_plus_baseline", "reinforce++-baseline"))}
 
 
 def _options(config, mode: str, loss_agg_mode: str) -> dict:
@@ -77,21 +85,71 @@ def policy_loss_fn(mode: str):
     return loss_fn
 
 
-def register() -> list[str]:
-    """Adds the ``fusedrl_*`` policy losses to verl's POLICY_LOSS_REGISTRY; returns their names.
-    A name already registered to something else raises a ValueError."""
-    for name in NAMES:
-        current = core_algos.POLICY_LOSS_REGISTRY.get(name)
+def _group_ids(index, n: int, device) -> torch.Tensor:
+    """verl's ``index`` (an array of uids, any hashable values) as int64 group ids [n]."""
+    import numpy as np  # noqa: PLC0415
+
+    if isinstance(index, torch.Tensor):
+        index = index.cpu().numpy()
+    index = np.asarray(index)
+    if index.shape != (n,):
+        raise ValueError(f"index must have one uid per response, shape ({n},), got {index.shape}")
+    _, inverse = np.unique(index.astype(str) if index.dtype == object else index, return_inverse=True)
+    return torch.as_tensor(inverse.reshape(-1), dtype=torch.int64, device=device)
+
+
+def advantage_fn(name: str):
+    """verl advantage estimator ``name`` (grpo, rloo, opo, gpg, grpo_passk,
+    reinforce_plus_plus_baseline) computed by :func:`fusedrl.group_advantages`; verl's signature,
+    returns ``(advantages, returns)`` (the same tensor, as verl's outcome estimators)."""
+    key = f"fusedrl_{name}"
+    if key not in ADV_NAMES:
+        raise ValueError(f"name must be one of {[v[0] for v in ADV_NAMES.values()]}, got {name!r}")
+    estimator = ADV_NAMES[key][1]
+
+    def fn(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index=None, epsilon: float = 1e-6,
+           norm_adv_by_std_in_grpo: bool = True, config=None, f_norm: float = 1.0, alpha: float = 1.0, **_):
+        if index is None:
+            raise ValueError(f"{key}: index (the uid of each response's prompt) is required")
+        if name == "gpg" and (f_norm != 1.0 or alpha != 1.0):
+            raise ValueError(f"{key}: f_norm / alpha other than 1.0 are not supported (got {f_norm}, {alpha})")
+        if name == "grpo_passk" and config is not None:  # verl's passk reads the switch from the config
+            norm_adv_by_std_in_grpo = config.get("norm_adv_by_std_in_grpo", True)
+        scores = token_level_rewards.sum(dim=-1)
+        ids = _group_ids(index, scores.shape[0], scores.device)
+        scale = "group" if norm_adv_by_std_in_grpo or name not in ("grpo", "grpo_passk") else "none"
+        adv = fusedrl.group_advantages(scores, ids, estimator=estimator, scale=scale, eps=epsilon, mask=response_mask)
+        return adv, adv
+
+    fn.__name__ = key
+    return fn
+
+
+def _check_free(registry: dict, names, what: str) -> None:
+    for name in names:
+        current = registry.get(name)
         if current is not None and getattr(current, "__module__", None) != __name__:
-            raise ValueError(f"verl policy loss {name!r} is already registered by {current.__module__}")
+            raise ValueError(f"verl {what} {name!r} is already registered by {current.__module__}")
+
+
+def register() -> list[str]:
+    """Adds the ``fusedrl_*`` policy losses (POLICY_LOSS_REGISTRY) and advantage estimators
+    (ADV_ESTIMATOR_REGISTRY) to verl's registries; returns their names. A name already registered
+    to something else raises a ValueError, and nothing is registered then."""
+    _check_free(core_algos.POLICY_LOSS_REGISTRY, NAMES, "policy loss")
+    _check_free(core_algos.ADV_ESTIMATOR_REGISTRY, ADV_NAMES, "advantage estimator")
     for name, mode in NAMES.items():
         core_algos.register_policy_loss(name)(policy_loss_fn(mode))
-    return list(NAMES)
+    for name, (verl_name, _) in ADV_NAMES.items():
+        core_algos.ADV_ESTIMATOR_REGISTRY.pop(name, None)  # a previous register()'s function
+        core_algos.register_adv_est(name)(advantage_fn(verl_name))
+    return list(NAMES) + list(ADV_NAMES)
 
 
 def unregister() -> None:
     """Removes the names :func:`register` added (only those whose function is fusedrl's)."""
-    for name in NAMES:
-        fn = core_algos.POLICY_LOSS_REGISTRY.get(name)
-        if fn is not None and getattr(fn, "__module__", None) == __name__:
-            del core_algos.POLICY_LOSS_REGISTRY[name]
+    for registry, names in ((core_algos.POLICY_LOSS_REGISTRY, NAMES), (core_algos.ADV_ESTIMATOR_REGISTRY, ADV_NAMES)):
+        for name in names:
+            fn = registry.get(name)
+            if fn is not None and getattr(fn, "__module__", None) == __name__:
+                del registry[name]
