@@ -177,6 +177,17 @@ GRID = [
          entropy_aggregation="seq-mean-token-mean", **KL_ALL, **ENT),
     dict(kl_aggregation="seq-mean-token-sum-norm", max_length=9, beta=0.3, ratio="hybrid", hybrid_mixing="entropy",
          entropy_coef=0.02, entropy_aggregation="token-mean"),
+    # vespo, the off-policy sequence mask, the entropy mask
+    dict(surrogate="vespo", **KL_ALL, **ENT),
+    dict(surrogate="vespo", vespo_k_pos=1.5, vespo_lambda_pos=2.5, vespo_k_neg=2.0, vespo_lambda_neg=0.0,
+         aggregation="seq-mean-token-mean"),
+    dict(surrogate="vespo", log_ratio_clamp=0.1, use_bias_correction_kl=True, beta=0.2),
+    dict(off_policy_mask_threshold=0.05, **KL_ALL),
+    dict(off_policy_mask_threshold=0.0, ratio="sequence", clip_ratio_c=1.5),
+    dict(entropy_mask_threshold=1.0, **ENT),
+    dict(top_entropy_quantile=0.4, off_policy_mask_threshold=0.02, ratio="cumulative", **KL_ALL, **ENT),
+    dict(top_entropy_quantile=0.5, surrogate="vespo", off_policy_mask_threshold=0.1, aggregation="balanced"),
+    dict(off_policy_mask_threshold=-0.05, ratio="hybrid", rollout_correction="token_truncate", rollout_cap=1.2),
     # the clamp: off, and tight
     dict(log_ratio_clamp=None, ratio="sequence"),
     dict(log_ratio_clamp=0.15, ratio="cumulative", **KL_ALL),
@@ -203,6 +214,7 @@ PACKED = [
     dict(surrogate="geo_mean", rollout_correction="sequence_mask", rollout_cap=1.5),
     dict(ratio="sequence-token", aggregation="balanced", group_ids=[0, 0, 1, 1]),
     dict(aggregation="seq-mean-token-sum-norm", max_length=8, surrogate="sapo"),
+    dict(surrogate="vespo", top_entropy_quantile=0.6, off_policy_mask_threshold=0.05, **KL_ALL),
 ]
 
 
@@ -211,8 +223,8 @@ PACKED = [
 def scenarios(draw):
     B = draw(st.integers(1, 4))
     T = draw(st.integers(1, 7))
-    surrogate = draw(st.sampled_from(["clip", "cispo", "sapo", "geo_mean", "reinforce", "gpg"]))
-    ratio = "token" if surrogate == "geo_mean" else draw(
+    surrogate = draw(st.sampled_from(["clip", "cispo", "sapo", "geo_mean", "reinforce", "gpg", "vespo"]))
+    ratio = "token" if surrogate in ("geo_mean", "vespo") else draw(
         st.sampled_from(["token", "sequence", "sequence-token", "cumulative", "hybrid"]))
     opts = dict(surrogate=surrogate, ratio=ratio,
                 clip_low=draw(st.sampled_from([0.1, 0.2])), clip_high=draw(st.sampled_from([0.2, 0.28])),
@@ -220,8 +232,14 @@ def scenarios(draw):
                 entropy_coef=draw(st.sampled_from([0.0, 0.01])),
                 aggregation=draw(st.sampled_from(["token-mean", "seq-mean-token-mean", "balanced", "token-sum"])),
                 rollout_correction=draw(st.sampled_from([None, "token_truncate", "sequence_mask", "icepop"])))
+    if surrogate == "vespo":
+        opts["rollout_correction"] = None
     if opts["rollout_correction"] is not None:
         opts.update(rollout_cap=1.4, rollout_cap_low=0.7)
+    if surrogate != "geo_mean" and draw(st.booleans()):  # the masks act on per-token surrogates
+        opts["off_policy_mask_threshold"] = draw(st.sampled_from([-0.1, 0.0, 0.1]))
+    if surrogate != "geo_mean" and draw(st.booleans()):
+        opts["entropy_mask_threshold"] = draw(st.sampled_from([0.5, 1.0, 1.5]))
     if ratio == "hybrid":
         opts["hybrid_mixing"] = draw(st.sampled_from(["average", "entropy"]))
     if surrogate == "clip" and draw(st.booleans()):

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import fusedrl
 from fusedrl import presets
 from fusedrl.policy import AGGREGATIONS, KL_KINDS, RATIOS, SURROGATES
+from fusedrl.reference import policy as ref_policy
 
 TOL = dict(rtol=1e-9, atol=1e-12)
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -313,7 +314,8 @@ def test_rollout_weights_are_constants():
 # extremes, masks, padding
 
 
-COMBOS = [(s, r) for s in SURROGATES for r in RATIOS if s != "geo_mean" or r == "token"]
+# geo_mean and vespo define their own sequence weights: the token ratio only
+COMBOS = [(s, r) for s in SURROGATES for r in RATIOS if s not in ("geo_mean", "vespo") or r == "token"]
 
 
 @pytest.mark.parametrize("surrogate,ratio", COMBOS)
@@ -332,6 +334,8 @@ def test_extreme_log_ratios_are_finite(surrogate, ratio, magnitude, dtype):
     kw = dict(surrogate=surrogate, ratio=ratio, ref_logp=x + 0.5, beta=0.04, use_bias_correction_kl=True,
               rollout_logp=o + sign * magnitude, rollout_correction="token_truncate", entropy=H,
               entropy_coef=0.01, hybrid_mixing="entropy")
+    if surrogate == "vespo":  # no rollout correction (test_vespo_refusals in tests/peers/test_trl_grpo.py)
+        kw.update(rollout_correction=None, off_policy_mask_threshold=0.0, top_entropy_quantile=0.5)
     for aggregation in ["token-mean", "seq-mean-token-mean"]:
         xx = x.clone().requires_grad_(True)
         loss, metrics = fusedrl.policy_loss(xx, o, A, mask, aggregation=aggregation, **kw)
@@ -357,10 +361,13 @@ def test_fully_masked_batch_is_exactly_zero(surrogate, ratio, aggregation):
     H = torch.full((B, T), float("nan"), dtype=torch.float64).requires_grad_(True)
     A = torch.tensor([1.0, -1.0, float("nan")], dtype=torch.float64)
     mask = torch.zeros(B, T)
+    # vespo takes no rollout correction; its masks instead (a top-entropy quantile of no valid token)
+    extra = (dict(off_policy_mask_threshold=0.0, top_entropy_quantile=0.5) if surrogate == "vespo" else
+             dict(rollout_correction="sequence_mask"))
     loss, metrics = fusedrl.policy_loss(
         x, o, A, mask, surrogate=surrogate, ratio=ratio, aggregation=aggregation, ref_logp=o, beta=0.1,
-        entropy=H, entropy_coef=0.1, hybrid_mixing="entropy", rollout_logp=o, rollout_correction="sequence_mask",
-        group_ids=torch.tensor([0, 0, 1]), kl_aggregation="token-mean",
+        entropy=H, entropy_coef=0.1, hybrid_mixing="entropy", rollout_logp=o,
+        group_ids=torch.tensor([0, 0, 1]), kl_aggregation="token-mean", **extra,
     )
     loss.backward()
     assert loss.item() == 0.0
@@ -381,11 +388,14 @@ def test_padding_values_never_matter(shape, combo, aggregation):
         def fn(x):
             return fusedrl.policy_loss(
                 x, b["o"], b["A"], b["mask"], surrogate=combo[0], ratio=combo[1], aggregation=aggregation,
-                ref_logp=b["r"], beta=0.05, kl="low_var_kl", rollout_logp=b["mu"], rollout_correction="token_mask",
-                entropy=b["H"].detach(), hybrid_mixing="entropy", group_ids=b["groups"],
+                ref_logp=b["r"], beta=0.05, kl="low_var_kl", rollout_logp=b["mu"],
+                entropy=b["H"].detach(), hybrid_mixing="entropy", group_ids=b["groups"], **extra,
             )
         return loss_and_grad(fn, b["x"])
 
+    # vespo takes no rollout correction: its masks instead (the sampler's log-probs feed the off-policy one)
+    extra = (dict(off_policy_mask_threshold=0.0, entropy_mask_threshold=1.0) if combo[0] == "vespo" else
+             dict(rollout_correction="token_mask"))
     clean, noisy = run(d), run(dirty)
     torch.testing.assert_close(noisy[0], clean[0], **TOL)
     torch.testing.assert_close(noisy[1], clean[1], **TOL)
@@ -546,7 +556,7 @@ def test_presets_shapes():
     (lambda: presets.verl("vanilla", dp_size=2), "dp_size"),
     (lambda: presets.verl("vanilla", global_batch_size=2), "num_sequences="),
     (lambda: presets.verl("vanilla", loss_scale_factor=2), "max_length="),
-    (lambda: presets.trl("grpo", top_entropy_quantile=0.2), "unsupported option 'top_entropy_quantile'"),
+    (lambda: presets.trl("grpo", use_adaptive_entropy=True), "unsupported option 'use_adaptive_entropy'"),
 ])
 def test_presets_reject_normalizers_and_unknown_options(call, match):
     with pytest.raises(TypeError, match=match):
@@ -554,7 +564,7 @@ def test_presets_reject_normalizers_and_unknown_options(call, match):
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda: presets.trl("vespo"), "loss_type"),
+    (lambda: presets.trl("ppo"), "loss_type"),
     (lambda: presets.trl("grpo", importance_sampling_level="segment"), "importance_sampling_level"),
     (lambda: presets.verl("dppo_tv"), "loss_mode"),
     (lambda: presets.verl("vanilla", "seq-sum"), "loss_agg_mode"),
@@ -620,6 +630,21 @@ BAD = [
     (dict(log_ratio_clamp=0.0), ValueError, "log_ratio_clamp"),
     (dict(kl_aggregation="sum"), ValueError, "kl_aggregation"),
     (dict(backend="gpu"), ValueError, "backend"),
+    (dict(surrogate="vespo", ratio="sequence"), ValueError, "ratio"),
+    (dict(surrogate="vespo", rollout_correction="token_mask", rollout_logp=_D["mu"]), ValueError, "rollout_correction"),
+    (dict(vespo_k_pos="2"), TypeError, "vespo_k_pos"),
+    (dict(vespo_lambda_neg=float("nan")), ValueError, "vespo_lambda_neg"),
+    (dict(off_policy_mask_threshold=float("inf")), ValueError, "off_policy_mask_threshold"),
+    (dict(off_policy_mask_threshold="0.1"), TypeError, "off_policy_mask_threshold"),
+    (dict(top_entropy_quantile=0.0, entropy=_D["H"]), ValueError, "top_entropy_quantile"),
+    (dict(top_entropy_quantile=1.5, entropy=_D["H"]), ValueError, "top_entropy_quantile"),
+    (dict(top_entropy_quantile=0.5), ValueError, "entropy"),
+    (dict(entropy_mask_threshold=1.0), ValueError, "entropy"),
+    (dict(top_entropy_quantile=0.5, entropy_mask_threshold=1.0, entropy=_D["H"]), ValueError, "not both"),
+    (dict(entropy_mask_threshold=torch.ones(2), entropy=_D["H"]), ValueError, "entropy_mask_threshold"),
+    (dict(entropy_mask_threshold=float("nan"), entropy=_D["H"]), ValueError, "entropy_mask_threshold"),
+    (dict(surrogate="geo_mean", off_policy_mask_threshold=0.1), ValueError, "geo_mean"),
+    (dict(surrogate="geo_mean", entropy_mask_threshold=0.1, entropy=_D["H"]), ValueError, "geo_mean"),
 ]
 
 
@@ -655,3 +680,44 @@ def test_memoized_options_still_reject_equal_values_of_a_bad_type():
 def test_aggregate_and_kl_bad_input(call, exc, name):
     with pytest.raises(exc, match=name):
         call()
+
+
+def test_masks_multiply_the_surrogate_only():
+    """The off-policy and entropy masks drop tokens from the surrogate, not from the normalizers,
+    the KL or the entropy term (TRL's order); a mask that keeps everything changes nothing."""
+    d = batch(4, 6, 3)
+    kw = dict(ref_logp=d["r"], beta=0.1, entropy=d["H"], entropy_coef=0.01)
+
+    def call(**over):
+        return fusedrl.policy_loss(d["x"], d["o"], d["A"], d["mask"], **kw, **over)[0]
+
+    base = call()
+    keep_all = call(off_policy_mask_threshold=1e9, entropy_mask_threshold=-1.0)
+    torch.testing.assert_close(keep_all, base, rtol=0, atol=0)
+    drop_all = call(entropy_mask_threshold=1e9)
+    _, pieces = ref_policy.per_token_policy_loss(d["x"], d["o"], d["A"], d["mask"], **kw)
+    valid = d["mask"].bool()
+    expected = ((0.1 * pieces["kl"] - 0.01 * pieces["entropy"]) * valid).sum() / valid.sum()
+    torch.testing.assert_close(drop_all, expected)
+    some = call(top_entropy_quantile=0.5, off_policy_mask_threshold=0.0)
+    assert not torch.allclose(some, base) and not torch.allclose(some, drop_all)
+
+
+def test_vespo_weight_from_formula():
+    """phi(W) = exp(lambda + k log W - lambda W) of W = exp(sum_t m clamp(rho)): 1 at W = 1, the
+    (k, lambda) pair by the sign of A, a loss of -phi A x."""
+    d = batch(3, 5, 4)
+    x, o, A, mask = d["x"], d["o"], d["A"], d["mask"]
+    k_pos, lam_pos, k_neg, lam_neg = 2.0, 3.0, 3.0, 2.0
+    xx = x.clone().requires_grad_(True)
+    loss, _ = fusedrl.policy_loss(xx, o, A, mask, surrogate="vespo", aggregation="token-sum")
+    loss.backward()
+    m = mask.double()
+    log_w = ((x - o) * m).sum(-1).clamp(math.log(1e-8), 20.0)
+    k = torch.where(A >= 0, k_pos, k_neg)
+    lam = torch.where(A >= 0, lam_pos, lam_neg)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+    torch.testing.assert_close(loss, (-(phi * A)[:, None] * x * m).sum())
+    torch.testing.assert_close(xx.grad, -(phi * A)[:, None] * m)
+    on_policy, _ = fusedrl.policy_loss(x, x, A, mask, surrogate="vespo", aggregation="token-sum")
+    torch.testing.assert_close(on_policy, (-A[:, None] * x * m).sum())  # phi(1) = 1

@@ -283,8 +283,10 @@ def test_only_code_paths_are_constexpr():
         fn = getattr(kernel, "fn", kernel)
         params = inspect.signature(fn).parameters
         constexpr = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
-        allowed = {"SURROGATE", "RATIO", "KL", "ROLLOUT", "HYBRID_ENTROPY", "STATS_ADV", "PACKED", "BLOCK"}
+        allowed = {"SURROGATE", "RATIO", "KL", "ROLLOUT", "HYBRID_ENTROPY", "STATS_ADV", "PACKED", "BLOCK", "OFF_MASK",
+                   "ENTROPY_MASK"}
         assert constexpr <= allowed | {n for n in constexpr if n.startswith("HAS_")}, constexpr
-        for name in ("lo", "hi", "clamp", "cap", "beta", "tau_pos", "has_clamp", "clip_below", "T"):
+        for name in ("lo", "hi", "clamp", "cap", "beta", "tau_pos", "has_clamp", "clip_below", "T", "vespo_k_pos",
+                     "off_threshold", "entropy_threshold"):
             if name in params:
                 assert name not in constexpr, name

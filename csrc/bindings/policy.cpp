@@ -26,7 +26,7 @@ View view(const ViewTuple& t) {
 }
 
 policy::Options options(const std::vector<int64_t>& f, const std::vector<double>& d) {
-  if (f.size() != 13 || d.size() != 18) throw std::invalid_argument("policy options: wrong list lengths");
+  if (f.size() != 15 || d.size() != 24) throw std::invalid_argument("policy options: wrong list lengths");
   policy::Options o;
   o.surrogate = int(f[0]);
   o.ratio = int(f[1]);
@@ -41,6 +41,8 @@ policy::Options options(const std::vector<int64_t>& f, const std::vector<double>
   o.has_cap = f[10] != 0;
   o.has_cap_low = f[11] != 0;
   o.has_clamp = f[12] != 0;
+  o.has_off_policy_mask = f[13] != 0;
+  o.has_entropy_mask = f[14] != 0;
   o.lo = d[0];
   o.hi = d[1];
   o.seq_lo = d[2];
@@ -59,6 +61,12 @@ policy::Options options(const std::vector<int64_t>& f, const std::vector<double>
   o.tau_pos = d[15];
   o.tau_neg = d[16];
   o.alpha = d[17];
+  o.vespo_k_pos = d[18];
+  o.vespo_lambda_pos = d[19];
+  o.vespo_k_neg = d[20];
+  o.vespo_lambda_neg = d[21];
+  o.off_policy_threshold = d[22];
+  o.entropy_threshold = d[23];
   o.resolve();
   return o;
 }

@@ -105,6 +105,8 @@ template <typename A> struct Tile {
   A l[kTile], dw[kTile], dwc[kTile], dx[kTile], f_low[kTile], f_high[kTile], f_dual[kTile];
   // rollout weight, KL value and its partials through x and w, the gradient
   A q[kTile], kl[kTile], dkl_x[kTile], dkl_w[kTile], g[kTile], dc[kTile];
+  // the masks on the surrogate (1: kept), written on every tile
+  A keep[kTile];
 };
 
 // load_mask: the tile's mask into T.m; returns the tile's valid extent: one past its last valid
@@ -187,15 +189,18 @@ template <typename A> FUSEDRL_HD void stats_rows(const Work<A>& wk, int64_t r0, 
   const bool seq_roll = o.rollout == kSequenceTruncate || o.rollout == kSequenceMask;
   const bool tok_roll_geo = geo && o.rollout != kNoRollout && !seq_roll;
   const bool need_h = o.ratio == kHybrid && o.hybrid_entropy;
+  const bool vespo = o.surrogate == kVespo;
+  const bool off = o.has_off_policy_mask;
+  const bool off_mu = off && a.rollout_logp.p != nullptr;  // the sampler's log-probs, else the old ones
   int which = 0;
-  if (need_rho || geo) which |= kX | kO;
-  if (seq_roll || tok_roll_geo) which |= kO | kMu;
+  if (need_rho || geo || vespo || off) which |= kX | kO;
+  if (seq_roll || tok_roll_geo || off_mu) which |= kO | kMu;
   if (need_adv) which |= kAdv;
   if (need_h) which |= kH;
   for (int64_t i = r0; i < r1; ++i) {
     int64_t start, len;
     row_span(a, i, &start, &len);
-    double cnt = 0, srho = 0, sadv = 0, sgeo = 0, sroll = 0, slogq = 0;
+    double cnt = 0, srho = 0, sadv = 0, sgeo = 0, sroll = 0, slogq = 0, svespo = 0, soff = 0;
     A hmax = -std::numeric_limits<A>::infinity();
     for (int64_t t0 = 0; t0 < len; t0 += kTile) {
       const int64_t n = std::min(kTile, len - t0);
@@ -231,6 +236,15 @@ template <typename A> FUSEDRL_HD void stats_rows(const Work<A>& wk, int64_t r0, 
       if (need_h) {
         for (int64_t j = 0; j < n; ++j) hmax = T.h[j] > hmax ? T.h[j] : hmax;  // padded tokens count as 0
       }
+      if (vespo) {
+#pragma omp simd reduction(+ : svespo)
+        for (int64_t j = 0; j < n; ++j) svespo += double(T.m[j] * clamp_log(T.x[j] - T.o[j], o));
+      }
+      if (off) {
+        const A* mu = off_mu ? T.mu : T.o;
+#pragma omp simd reduction(+ : soff)
+        for (int64_t j = 0; j < n; ++j) soff += double(T.m[j] * (mu[j] - T.x[j]));
+      }
     }
     double* st = a.stats + i * kNumStats;
     st[kCount] = cnt;
@@ -240,6 +254,8 @@ template <typename A> FUSEDRL_HD void stats_rows(const Work<A>& wk, int64_t r0, 
     st[kSumRollout] = sroll;
     st[kSumLogQ] = slogq;
     st[kMaxEntropy] = double(hmax);
+    st[kSumVespo] = svespo;
+    st[kSumOffKl] = soff;
   }
 }
 
@@ -381,6 +397,15 @@ template <typename A> FUSEDRL_HD void surrogate_stage(const Options& opt, const 
         T.dx[j] = -T.adv[j];
       }
       break;
+    case kVespo: {  // -sg(phi) A x, phi from the row's sequence weight and the sign of A
+      const A log_w = row.vespo_log_w, w = row.vespo_w;
+      for (int64_t j = 0; j < n; ++j) {
+        const A phi = vespo_phi(T.adv[j], log_w, w, o);
+        T.l[j] = -phi * T.adv[j] * T.x[j];
+        T.dx[j] = -phi * T.adv[j];
+      }
+      break;
+    }
     default: {  // geo_mean: every token carries the row's -mean(A) exp(mean rho~)
       const A value = -row.adv_mean * row.geo;
       // d/dx_t of the row value, times the row's token weight sum (the value is counted on each token)
@@ -420,6 +445,21 @@ template <typename A> FUSEDRL_HD void rollout_stage(const Options& opt, const Ro
     }
   } else {
     for (int64_t j = 0; j < n; ++j) T.q[j] = row.q_row;
+  }
+}
+
+// The off-policy and entropy masks: T.keep (1 without masks). One loop per combination (a bool
+// option inside the select of a simd loop stops GCC's vectorizer).
+template <typename A> FUSEDRL_HD void mask_stage(const Options& opt, const Row<A>& row, int64_t n, Tile<A>& T) {
+  const Options o = opt;  // a local copy: stores to the tile cannot alias it
+  if (o.has_off_policy_mask && o.has_entropy_mask) {
+    for (int64_t j = 0; j < n; ++j) T.keep[j] = off_policy_keep(T.adv[j], row.off_kl, o) * entropy_keep(T.h[j], o);
+  } else if (o.has_off_policy_mask) {
+    for (int64_t j = 0; j < n; ++j) T.keep[j] = off_policy_keep(T.adv[j], row.off_kl, o);
+  } else if (o.has_entropy_mask) {
+    for (int64_t j = 0; j < n; ++j) T.keep[j] = entropy_keep(T.h[j], o);
+  } else {
+    std::fill(T.keep, T.keep + n, A(1));
   }
 }
 
@@ -539,6 +579,7 @@ template <typename A> FUSEDRL_HD void loss_rows(const Work<A>& wk, int64_t r0, i
       ratio_stage(o, row, n, T, &c_carry, &n_carry);
       surrogate_stage(o, row, n, T);
       rollout_stage(o, row, n, T);
+      mask_stage(o, row, n, T);
       kl_stage(o, has_ref, n, T);
       const A dx_scale = o.surrogate == kGeoMean ? geo_weight : A(1);
       // the tile's sums in A (each simd lane adds n / width terms), then added to the row's in double
@@ -550,12 +591,13 @@ template <typename A> FUSEDRL_HD void loss_rows(const Work<A>& wk, int64_t r0, i
         const A m = T.m[j];
         const bool ok = m != A(0);
         A dw, dwc, dx;
-        const A local = chain(m, g * T.q[j], bg, T.dw[j], T.dwc[j], T.dx[j] * dx_scale, T.dkl_w[j], T.dkl_x[j],
+        const A gq = g * T.q[j] * T.keep[j];
+        const A local = chain(m, gq, bg, T.dw[j], T.dwc[j], T.dx[j] * dx_scale, T.dkl_w[j], T.dkl_x[j],
                               T.pw[j], T.pwc[j], &dw, &dwc, &dx);  // dL/dc_t for cumulative
         T.g[j] = ok ? (cumulative ? dx : dx + local) : A(0);
         T.dc[j] = ok ? local : A(0);
         t_ds += ok ? dw * T.rw[j] + dwc * T.rwc[j] : A(0);
-        t_sur += ok ? m * T.q[j] * T.l[j] : A(0);
+        t_sur += ok ? m * T.q[j] * T.keep[j] * T.l[j] : A(0);
         t_kl += ok ? m * T.kl[j] : A(0);
         t_h += m * T.h[j];
         t_cnt += m;
@@ -812,7 +854,7 @@ template <int SUR, bool SEQ> RowFn<float> local_rollout(const Options& o, bool h
 // The local path when the options allow it (see local_rows), else null.
 RowFn<float> local_path(const PolicyArgs& a) {
   const Options& o = a.opt;
-  if (o.kl_straight || o.bias_kl) return nullptr;
+  if (o.kl_straight || o.bias_kl || o.has_off_policy_mask || o.has_entropy_mask) return nullptr;
   const bool has_ref = a.ref_logp.p != nullptr;
   const bool extra = o.has_dual || o.has_delta;
   if (o.ratio == kSequence) {  // GSPO: clip surrogates only (the statistics pass gave s_i)

@@ -88,7 +88,7 @@ template <typename A> struct Shape {
 enum Level : int { kLevelLocal = 0, kLevelRowSum = 1, kLevelPrefix = 2 };
 
 // Per-thread sums of pass 1 and pass 2 (reduced over the block).
-enum StatSum : int { kSCount = 0, kSRho, kSAdv, kSGeo, kSRoll, kSLogQ, kNumStatSums };
+enum StatSum : int { kSCount = 0, kSRho, kSAdv, kSGeo, kSRoll, kSLogQ, kSVespo, kSOff, kNumStatSums };
 enum LossSum : int { kLSur = 0, kLKl, kLH, kLCount, kLLow, kLHigh, kLDual, kLW, kLQ, kLDlds, kNumLossSums };
 
 struct Pair {  // a (m rho, m) prefix, or any two doubles scanned together
@@ -313,7 +313,7 @@ template <typename A> FUSEDRL_HD Tok<A> load_token(const PolicyArgs& a, int64_t 
 // pass 1: row statistics
 
 struct StatPlan {
-  bool rho, adv, geo, seq_roll, tok_roll_geo, h;
+  bool rho, adv, geo, seq_roll, tok_roll_geo, h, vespo, off, off_mu;
   int which;
 };
 
@@ -326,9 +326,12 @@ FUSEDRL_HD StatPlan stat_plan(const PolicyArgs& a) {
   p.seq_roll = o.rollout == kSequenceTruncate || o.rollout == kSequenceMask;
   p.tok_roll_geo = p.geo && o.rollout != kNoRollout && !p.seq_roll;
   p.h = o.ratio == kHybrid && o.hybrid_entropy;
+  p.vespo = o.surrogate == kVespo;
+  p.off = o.has_off_policy_mask;
+  p.off_mu = p.off && a.rollout_logp.p != nullptr;  // the sampler's log-probs, else the old ones
   p.which = 0;
-  if (p.rho || p.geo) p.which |= kX | kO;
-  if (p.seq_roll || p.tok_roll_geo) p.which |= kO | kMu;
+  if (p.rho || p.geo || p.vespo || p.off) p.which |= kX | kO;
+  if (p.seq_roll || p.tok_roll_geo || p.off_mu) p.which |= kO | kMu;
   if (p.adv) p.which |= kAdv;
   if (p.h) p.which |= kH;
   return p;
@@ -346,6 +349,8 @@ FUSEDRL_HD void stats_token(const Options& o, const StatPlan& p, const Tok<A>& k
   if (p.seq_roll) s[kSRoll] += double(k.m * (k.o - k.mu));
   if (p.tok_roll_geo) s[kSLogQ] += double(k.m * log_acc(rollout_weight(k.o - k.mu, o) + A(kGeoMeanLogEps)));
   if (p.h) *hmax = k.h > *hmax ? k.h : *hmax;  // padded tokens count as 0
+  if (p.vespo) s[kSVespo] += double(k.m * clamp_log(k.x - k.o, o));
+  if (p.off) s[kSOff] += double(k.m * ((p.off_mu ? k.mu : k.o) - k.x));
 }
 
 template <typename A, typename Blk> FUSEDRL_HD void stats_row(const PolicyArgs& a, int64_t i, const Blk& blk) {
@@ -368,6 +373,8 @@ template <typename A, typename Blk> FUSEDRL_HD void stats_row(const PolicyArgs& 
     st[kSumRollout] = s[kSRoll];
     st[kSumLogQ] = s[kSLogQ];
     st[kMaxEntropy] = double(hmax);
+    st[kSumVespo] = s[kSVespo];
+    st[kSumOffKl] = s[kSOff];
   }
 }
 
@@ -495,6 +502,12 @@ FUSEDRL_HD void loss_token(const Options& o, const RowCtx<A>& rc, const Tok<A>& 
       l = -k.adv * k.x;
       dx = -k.adv;
       break;
+    case kVespo: {  // -sg(phi) A x, phi from the row's sequence weight and the sign of A
+      const A phi = vespo_phi(k.adv, row.vespo_log_w, row.vespo_w, o);
+      l = -phi * k.adv * k.x;
+      dx = -phi * k.adv;
+      break;
+    }
     default: {  // geo_mean: every token carries the row's -mean(A) exp(mean rho~)
       const A value = -row.adv_mean * row.geo;
       const A scale = value * row.geo_pass * (row.count_div > A(0) ? A(1) / row.count_div : A(0));
@@ -512,8 +525,9 @@ FUSEDRL_HD void loss_token(const Options& o, const RowCtx<A>& rc, const Tok<A>& 
     f_high = clipped_high(w, wc, k.adv);
   }
 
-  // rollout correction
+  // rollout correction, and the masks on the surrogate
   const A q = rc.per_token_q ? rollout_weight(k.o - k.mu, o) : row.q_row;
+  const A keep = token_keep(k.adv, k.h, row.off_kl, o);
 
   // KL: value and its partials through x and w
   A kl = A(0), dkl_x = A(0), dkl_w = A(0);
@@ -529,7 +543,7 @@ FUSEDRL_HD void loss_token(const Options& o, const RowCtx<A>& rc, const Tok<A>& 
 
   // combine
   const A m = k.m;
-  const A mq = m * rc.g * q;
+  const A mq = m * rc.g * q * keep;
   const A dw_t = mq * dw + m * rc.bg * dkl_w;
   const A dwc_t = mq * dwc;
   const A dx_t = mq * dx * rc.dx_scale + m * rc.bg * dkl_x;
@@ -540,7 +554,7 @@ FUSEDRL_HD void loss_token(const Options& o, const RowCtx<A>& rc, const Tok<A>& 
   *gx = ok ? (o.ratio == kCumulative ? dx_t : dx_t + local) : A(0);
   *dc = ok ? local : A(0);
   s[kLDlds] += ok ? double(dw_t * rw + dwc_t * rwc) : 0.0;
-  s[kLSur] += ok ? double(m * q * l) : 0.0;
+  s[kLSur] += ok ? double(m * q * keep * l) : 0.0;
   s[kLKl] += ok ? double(m * kl) : 0.0;
   s[kLH] += double(m * k.h);
   s[kLCount] += double(m);

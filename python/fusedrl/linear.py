@@ -217,6 +217,10 @@ def single_pass_declines(options: dict) -> str | None:
         return f"surrogate={options['surrogate']!r} couples the tokens of a row"
     if options.get("rollout_correction") not in TOKEN_LOCAL_CORRECTIONS:
         return "a sequence-level rollout correction"  # (it does not depend on logp, but its weights are per row)
+    if options.get("off_policy_mask_threshold") is not None:
+        return "the off-policy sequence mask reads the row's mean log-ratio"
+    if options.get("top_entropy_quantile", 1.0) != 1.0 or options.get("entropy_mask_threshold") is not None:
+        return "the entropy mask's threshold is a quantile over the whole batch"
     if options.get("use_bias_correction_kl") and options.get("kl_aggregation") is not None:
         return "bias-corrected KL aggregated on its own"
     return None

@@ -92,6 +92,11 @@ class PolicyParams:
     seq_clip_low: float | None = None
     seq_clip_high: float | None = None
     log_ratio_clamp: float | None = 20.0
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    off_policy_mask_threshold: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +210,8 @@ def _policy_params(**raw) -> PolicyParams:
 def _validate_params(*, surrogate, ratio, clip_low, clip_high, clip_ratio_c, delta, beta, kl, use_bias_correction_kl,
                      rollout_correction, rollout_cap, rollout_cap_low, entropy_coef, aggregation, kl_aggregation,
                      entropy_aggregation, exclude_empty_rows, cispo_bounds, tau_pos, tau_neg, hybrid_mixing,
-                     hybrid_alpha, seq_clip_low, seq_clip_high, log_ratio_clamp) -> PolicyParams:
+                     hybrid_alpha, seq_clip_low, seq_clip_high, log_ratio_clamp, vespo_k_pos, vespo_lambda_pos,
+                     vespo_k_neg, vespo_lambda_neg, off_policy_mask_threshold) -> PolicyParams:
     return PolicyParams(
         surrogate=_choice("surrogate", surrogate, SURROGATES),
         ratio=_choice("ratio", ratio, RATIOS),
@@ -232,6 +238,11 @@ def _validate_params(*, surrogate, ratio, clip_low, clip_high, clip_ratio_c, del
         seq_clip_low=_real("seq_clip_low", seq_clip_low, minimum=0.0, optional=True),
         seq_clip_high=_real("seq_clip_high", seq_clip_high, minimum=-1.0, exclusive=True, optional=True),
         log_ratio_clamp=_real("log_ratio_clamp", log_ratio_clamp, minimum=0.0, exclusive=True, optional=True),
+        vespo_k_pos=_real("vespo_k_pos", vespo_k_pos),
+        vespo_lambda_pos=_real("vespo_lambda_pos", vespo_lambda_pos),
+        vespo_k_neg=_real("vespo_k_neg", vespo_k_neg),
+        vespo_lambda_neg=_real("vespo_lambda_neg", vespo_lambda_neg),
+        off_policy_mask_threshold=_real("off_policy_mask_threshold", off_policy_mask_threshold, optional=True),
     )
 
 
@@ -384,6 +395,13 @@ def policy_loss(
     seq_clip_low: float | None = None,
     seq_clip_high: float | None = None,
     log_ratio_clamp: float | None = 20.0,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    off_policy_mask_threshold: float | None = None,
+    top_entropy_quantile: float = 1.0,
+    entropy_mask_threshold=None,
     cu_seqlens: torch.Tensor | None = None,
     backend: str | None = None,
 ):
@@ -432,7 +450,23 @@ def policy_loss(
          \mathrm{sgn}(A)\min(\mathrm{sgn}(A)\rho, \mathrm{sgn}(A)\mathrm{clip}(\rho, -\epsilon_{low},
          \epsilon_{high}))`, :math:`\bar A_i` the row mean of A; with
          ``aggregation="seq-mean-token-mean"`` it is verl's mean over rows;
-       - ``"reinforce"``: :math:`-w A`; ``"gpg"`` (verl ``gpg``): :math:`-A x`.
+       - ``"reinforce"``: :math:`-w A`; ``"gpg"`` (verl ``gpg``): :math:`-A x`;
+       - ``"vespo"`` (TRL ``loss_type="vespo"``; ``ratio="token"``, no ``rollout_correction``):
+         :math:`-\mathrm{sg}(\phi_{it}) A x` with the gamma weight :math:`\phi = e^{\lambda + k
+         \log W_i - \lambda W_i}` of the sequence weight :math:`W_i = \exp(\mathrm{clamp}(\sum_t m
+         \,\mathrm{clamp}(\rho, \pm 20), \log 10^{-8}, 20))` (a sum over the row, not a mean);
+         :math:`(k, \lambda)` = (``vespo_k_pos``, ``vespo_lambda_pos``) where :math:`A \ge 0`,
+         else (``vespo_k_neg``, ``vespo_lambda_neg``), :math:`\lambda \ge 10^{-4}`; a non-finite
+         :math:`\phi` is 0 (TRL).
+
+       Then the masks (TRL's order; each multiplies the surrogate only, not the normalizers, the KL
+       or the entropy term): ``off_policy_mask_threshold`` = :math:`\delta` (DeepSeek-V3.2, TRL):
+       a token is kept where :math:`A \ge 0` or its row's mean :math:`\mathrm{sg}(\mu - x)` (the
+       sampler's log-probs ``rollout_logp``, else ``old_logp``) is :math:`\le \delta`;
+       ``top_entropy_quantile`` = q < 1 (TRL): only tokens with :math:`H \ge` the (1 - q)-quantile
+       of ``entropy`` over the valid tokens of this call are kept (computed here with
+       ``torch.quantile``: one device synchronization); ``entropy_mask_threshold`` gives that
+       threshold instead (e.g. the quantile over every rank, as TRL gathers it).
     3. **Rollout correction** ``rollout_correction`` (train/inference mismatch; TRL
        ``vllm_importance_sampling_mode``, verl ``rollout_is``), a weight without gradient from
        :math:`q = e^{o - \mu}` per token or :math:`Q_i = e^{\sum_t m (o - \mu)}` per row:
@@ -534,8 +568,15 @@ def policy_loss(
         entropy_aggregation=entropy_aggregation, exclude_empty_rows=exclude_empty_rows, cispo_bounds=cispo_bounds,
         tau_pos=tau_pos, tau_neg=tau_neg, hybrid_mixing=hybrid_mixing, hybrid_alpha=hybrid_alpha,
         seq_clip_low=seq_clip_low, seq_clip_high=seq_clip_high, log_ratio_clamp=log_ratio_clamp,
+        vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+        vespo_lambda_neg=vespo_lambda_neg, off_policy_mask_threshold=off_policy_mask_threshold,
     )
     _check_policy_combination(params, ref_logp, rollout_logp, entropy)
+    entropy_threshold = _entropy_threshold(top_entropy_quantile, entropy_mask_threshold, entropy, mask, cu_seqlens)
+    if params.surrogate == "geo_mean" and (entropy_threshold is not None or params.off_policy_mask_threshold is not None):
+        raise ValueError("the off-policy and entropy masks (off_policy_mask_threshold, top_entropy_quantile, "
+                         "entropy_mask_threshold) act on per-token surrogates; surrogate='geo_mean' gives every token "
+                         "its row's value")
     counts = dict(
         num_tokens=_count("num_tokens", num_tokens),
         num_sequences=_count("num_sequences", num_sequences),
@@ -546,7 +587,8 @@ def policy_loss(
     if name != "torch":
         return _ops_policy.fused_policy_loss(
             name, logp, old_logp, advantages, mask, ref_logp=ref_logp, rollout_logp=rollout_logp, entropy=entropy,
-            cu_seqlens=cu_seqlens, group_ids=group_ids, params=params, **counts,
+            cu_seqlens=cu_seqlens, group_ids=group_ids, params=params, entropy_mask_threshold=entropy_threshold,
+            **counts,
         )
     if cu_seqlens is not None:  # the reference runs on the padded layout
         if params.aggregation == "seq-mean-token-sum-norm" and counts["max_length"] is None:
@@ -555,7 +597,7 @@ def policy_loss(
         logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy = padded
     return _ref_policy.policy_loss(
         logp, old_logp, advantages, mask, ref_logp=ref_logp, rollout_logp=rollout_logp, entropy=entropy,
-        group_ids=group_ids, **counts, **dataclasses.asdict(params),
+        group_ids=group_ids, entropy_mask_threshold=entropy_threshold, **counts, **dataclasses.asdict(params),
     )
 
 
@@ -613,8 +655,46 @@ def _packed_to_padded(cu_seqlens, logp, *others):
     return tuple(padded)
 
 
+def _entropy_threshold(quantile, threshold, entropy, mask, cu_seqlens) -> float | None:
+    """The entropy mask's threshold (None: no mask) from ``top_entropy_quantile`` or
+    ``entropy_mask_threshold``; +inf when no token is valid (TRL then masks every token)."""
+    quantile = _real("top_entropy_quantile", quantile, minimum=0.0, exclusive=True, maximum=1.0)
+    if isinstance(threshold, torch.Tensor):
+        if threshold.numel() != 1 or threshold.is_complex():
+            raise ValueError(f"entropy_mask_threshold must be a real number or a one-element tensor, got shape "
+                             f"{tuple(threshold.shape)}")
+        threshold = float(threshold)
+    threshold = _real("entropy_mask_threshold", threshold, optional=True)
+    if quantile == 1.0 and threshold is None:
+        return None
+    if quantile < 1.0 and threshold is not None:
+        raise ValueError("give top_entropy_quantile or entropy_mask_threshold, not both")
+    if entropy is None:
+        raise ValueError("top_entropy_quantile < 1 and entropy_mask_threshold need entropy")
+    if threshold is not None:
+        return threshold
+    if not check.has_data(entropy):
+        raise ValueError("top_entropy_quantile < 1 reads the entropies (a quantile): pass entropy_mask_threshold "
+                         "under torch.compile or on fake tensors")
+    valid = mask != 0
+    if cu_seqlens is not None:  # tokens outside every segment are not valid
+        inside = torch.zeros(entropy.shape[-1], dtype=torch.bool, device=entropy.device)
+        inside[: int(cu_seqlens[-1])] = True
+        valid = valid & inside
+    values = entropy.detach()[valid].float()
+    if values.numel() == 0:
+        return math.inf
+    return float(torch.quantile(values, 1.0 - quantile))
+
+
 def _check_policy_combination(p: PolicyParams, ref_logp, rollout_logp, entropy) -> None:
     """Options that only make sense together."""
+    if p.surrogate == "vespo":
+        if p.ratio != "token":
+            raise ValueError(f"surrogate='vespo' defines its own sequence weight: ratio must be 'token', got {p.ratio!r}")
+        if p.rollout_correction is not None:
+            raise ValueError("surrogate='vespo' takes no rollout_correction (TRL folds the sampler's weights into its "
+                             "sequence weight; not supported)")
     if p.delta is not None and p.surrogate != "clip":
         raise ValueError(f"delta applies to surrogate='clip' only, got surrogate={p.surrogate!r}")
     if p.clip_ratio_c is not None and p.surrogate != "clip":

@@ -25,6 +25,7 @@ TRL_LOSS_TYPES = {
     "cispo": "token-mean",
     "sapo": "seq-mean-token-mean",
     "luspo": "seq-mean-token-sum",
+    "vespo": "token-mean",
 }
 
 VERL_LOSS_MODES = ("vanilla", "gspo", "gpg", "cispo", "sapo", "geo_mean")
@@ -88,12 +89,21 @@ def trl(
     vllm_importance_sampling_mode: str = "sequence_mask",
     vllm_importance_sampling_clip_max: float | None = 3.0,
     vllm_importance_sampling_clip_min: float | None = None,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    off_policy_mask_threshold: float | None = None,
+    top_entropy_quantile: float = 1.0,
     **others,
 ) -> dict:
     """:func:`fusedrl.policy_loss` keywords reproducing TRL's ``GRPOTrainer`` loss (trl 1.16).
 
-    Defaults are ``GRPOConfig``'s. ``loss_type``: grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo
-    (aggregations in ``TRL_LOSS_TYPES``); ``importance_sampling_level``: token or sequence;
+    Defaults are ``GRPOConfig``'s. ``loss_type``: grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo,
+    vespo (aggregations in ``TRL_LOSS_TYPES``; vespo's ``vespo_k_pos`` / ``_lambda_pos`` /
+    ``_k_neg`` / ``_lambda_neg`` are passed as they are); ``importance_sampling_level``: token or
+    sequence (vespo: token); ``off_policy_mask_threshold`` and ``top_entropy_quantile`` (which needs
+    ``entropy``) are passed as they are;
     ``epsilon`` / ``epsilon_high`` -> ``clip_low`` / ``clip_high``, except for cispo, whose TRL
     bound is the raw ``epsilon_high`` above only (``clip_high = epsilon_high - 1``,
     ``cispo_bounds="upper"``); ``delta`` (two-sided clip); ``sapo_temperature_pos/neg`` ->
@@ -129,10 +139,23 @@ def trl(
     )
     if entropy is not None:
         kw["entropy"] = entropy
+    if off_policy_mask_threshold is not None:
+        kw["off_policy_mask_threshold"] = off_policy_mask_threshold
+    if top_entropy_quantile != 1.0:
+        kw["top_entropy_quantile"] = top_entropy_quantile
     if loss_type == "cispo":
         kw.update(surrogate="cispo", clip_high=high - 1.0, cispo_bounds="upper", delta=None)
     elif loss_type == "sapo":
         kw.update(surrogate="sapo", tau_pos=sapo_temperature_pos, tau_neg=sapo_temperature_neg, delta=None)
+    elif loss_type == "vespo":
+        if importance_sampling_level != "token":
+            raise ValueError("loss_type='vespo' computes its own sequence weight: importance_sampling_level must be "
+                             f"'token', got {importance_sampling_level!r}")
+        kw.update(surrogate="vespo", delta=None, vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos,
+                  vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg)
+    if vllm_importance_sampling_correction and loss_type == "vespo":
+        raise ValueError("loss_type='vespo' with vllm_importance_sampling_correction: TRL folds the sampler's weights "
+                         "into VESPO's sequence weight, which fusedrl does not support")
     if vllm_importance_sampling_correction:
         modes = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
         if vllm_importance_sampling_mode not in modes:

@@ -65,6 +65,10 @@ CASES = [
     dict(loss_type="luspo", importance_sampling_level="sequence"),
     dict(loss_type="grpo", importance_sampling_level="sequence", gradient_accumulation_steps=2, beta=0.04,
          use_bias_correction_kl=False, temperature=0.8),
+    dict(loss_type="vespo", gradient_accumulation_steps=2, beta=0.04),
+    dict(loss_type="dapo", off_policy_mask_threshold=0.0, top_entropy_quantile=0.5, entropy_coef=0.01),
+    dict(loss_type="vespo", vespo_k_pos=1.5, vespo_lambda_neg=1.0, off_policy_mask_threshold=-0.01,
+         top_entropy_quantile=0.3, gradient_accumulation_steps=2),
 ]
 
 
@@ -79,7 +83,7 @@ def test_matches_stock_trainer(model_dir, tmp_path, case):
         # a loss of 0 up to float32 rounding of those terms
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(abs(a["loss"]), 0.1), (step, a["loss"], b["loss"])
         assert a.get("reward") == b.get("reward"), step  # the same completions were generated
-        for key in ("kl", "entropy", "clip_ratio/region_mean", "cispo_clip_ratio", "policy_loss"):
+        for key in ("kl", "entropy", "clip_ratio/region_mean", "cispo_clip_ratio", "policy_loss", "vespo/phi_seq_mean"):
             assert (key in a) == (key in b), key
             if key in a:
                 assert abs(a[key] - b[key]) <= 1e-4 * max(abs(a[key]), 1.0), (step, key, a[key], b[key])
@@ -107,9 +111,6 @@ def test_loss_reaches_the_fused_head(model_dir, tmp_path, monkeypatch):
 
 
 UNSUPPORTED_CASES = {
-    "loss_type='vespo'": dict(loss_type="vespo"),
-    "off_policy_mask_threshold": dict(off_policy_mask_threshold=0.5),
-    "top_entropy_quantile < 1.0": dict(top_entropy_quantile=0.2),
     "use_adaptive_entropy=True": dict(use_adaptive_entropy=True),
     "use_vllm=True": dict(use_vllm=True),
     "use_liger_kernel=True": dict(use_liger_kernel=True),

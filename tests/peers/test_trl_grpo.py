@@ -45,21 +45,25 @@ def make_batch(seed, per_token_adv=False, spread=0.4):
 
 def trl_loss(batch, loss_type, *, level="token", beta=0.0, bias_kl=True, delta=None, epsilon=0.2, epsilon_high=None,
              ga=1, num_processes=1, steps_per_generation=1, num_items=None, max_completion_length=T,
-             entropy_coef=0.0, is_ratio=None, tau_pos=1.0, tau_neg=1.05):
+             entropy_coef=0.0, is_ratio=None, tau_pos=1.0, tau_neg=1.05, vespo=(2.0, 3.0, 3.0, 2.0),
+             off_policy_mask_threshold=None, top_entropy_quantile=1.0, sampling=None):
     """(loss, d loss / d logp) from TRL's _compute_loss."""
     logp = batch["logp"].clone().requires_grad_(True)
     entropy = batch["entropy"].clone().requires_grad_(True)
     args = SimpleNamespace(
         delta=delta, use_bias_correction_kl=bias_kl, steps_per_generation=steps_per_generation,
         sapo_temperature_pos=tau_pos, sapo_temperature_neg=tau_neg,
+        vespo_k_pos=vespo[0], vespo_lambda_pos=vespo[1], vespo_k_neg=vespo[2], vespo_lambda_neg=vespo[3],
     )
     accelerator = SimpleNamespace(
         gather=lambda x: x, gather_for_metrics=lambda x: x, reduce=lambda x, reduction="sum": x,
-        num_processes=num_processes, sync_gradients=True,
+        num_processes=num_processes, sync_gradients=True, pad_across_processes=lambda x, dim, pad_index: x,
     )
     stub = SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda model, *a, **k: (logp, entropy, None),
-        aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+        aux_loss_enabled=False, top_entropy_quantile=top_entropy_quantile,
+        off_policy_mask_threshold=off_policy_mask_threshold, get_off_policy_mask=GRPOTrainer.get_off_policy_mask,
+        get_gamma_weights=GRPOTrainer.get_gamma_weights,
         importance_sampling_level=level, beta=beta, loss_type=loss_type,
         epsilon_low=epsilon, epsilon_high=epsilon if epsilon_high is None else epsilon_high,
         args=args, use_vllm=is_ratio is not None, vllm_importance_sampling_correction=is_ratio is not None,
@@ -77,6 +81,9 @@ def trl_loss(batch, loss_type, *, level="token", beta=0.0, bias_kl=True, delta=N
     }
     if is_ratio is not None:
         inputs["importance_sampling_ratio"] = is_ratio
+    if sampling is not None:
+        inputs["sampling_per_token_logps"] = sampling
+    stub.get_high_entropy_mask = lambda *a: GRPOTrainer.get_high_entropy_mask(stub, *a)
     loss = GRPOTrainer._compute_loss(stub, None, inputs)
     grads = torch.autograd.grad(loss, (logp, entropy), allow_unused=True)
     return loss.detach(), grads[0], grads[1]
@@ -99,11 +106,14 @@ def assert_same(a, b):
     torch.testing.assert_close(a[1], b[1], **TOL)
 
 
-LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"]
+LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"]
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
-@pytest.mark.parametrize("level", ["token", "sequence"])
+# vespo takes the token level only (presets.trl refuses "sequence": test_vespo_refusals)
+LEVELS = [(lt, level) for lt in LOSS_TYPES for level in ("token", "sequence") if (lt, level) != ("vespo", "sequence")]
+
+
+@pytest.mark.parametrize("loss_type,level", LEVELS)
 @pytest.mark.parametrize("beta,bias_kl", [(0.0, True), (0.04, True), (0.04, False)])
 @pytest.mark.parametrize("delta", [None, 1.3])
 @pytest.mark.parametrize("epsilon_high", [None, 0.28, 1.3])
@@ -137,6 +147,7 @@ def test_gradient_accumulation_and_global_counts(loss_type):
         "grpo": dict(num_sequences=B * ga), "sapo": dict(num_sequences=B * ga), "luspo": dict(num_sequences=B * ga),
         "dr_grpo": dict(num_sequences=B * ga, max_length=T), "bnpo": dict(num_tokens=local_tokens * ga),
         "dapo": dict(num_tokens=items * ga / (processes * spg)), "cispo": dict(num_tokens=items * ga / (processes * spg)),
+        "vespo": dict(num_tokens=items * ga / (processes * spg)),
     }[loss_type]
     assert_same(ours(batch, presets.trl(loss_type), **counts), ref)
 
@@ -220,3 +231,64 @@ def test_vllm_importance_sampling_correction(mode, clip_max, clip_min, loss_type
     assert_same(got, ref)
     without = ours(batch, presets.trl(loss_type, beta=0.04))
     assert not torch.allclose(got[1], without[1])  # the correction changes the gradient here
+
+
+# ---------------------------------------------------------------------------------------------
+# vespo, the off-policy sequence mask and the top-entropy-quantile mask (TRL's own methods)
+
+
+@pytest.mark.parametrize("vespo", [(2.0, 3.0, 3.0, 2.0), (1.0, 0.5, 4.0, 0.0), (3.0, 1.0, 0.5, 6.0)])
+@pytest.mark.parametrize("spread", [0.1, 0.6, 3.0])
+@pytest.mark.parametrize("per_token_adv", [False, True])
+def test_vespo_gamma_weights(vespo, spread, per_token_adv):
+    batch = make_batch(int(spread * 10) + len(vespo), per_token_adv=per_token_adv, spread=spread)
+    ref = trl_loss(batch, "vespo", beta=0.04, vespo=vespo)
+    kw = presets.trl("vespo", beta=0.04, vespo_k_pos=vespo[0], vespo_lambda_pos=vespo[1], vespo_k_neg=vespo[2],
+                     vespo_lambda_neg=vespo[3])
+    for backend in ("torch", "cpu"):
+        assert_same(ours(batch, kw, backend=backend), ref)
+
+
+def test_vespo_refusals():
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        presets.trl("vespo", importance_sampling_level="sequence")
+    with pytest.raises(ValueError, match="vllm_importance_sampling_correction"):
+        presets.trl("vespo", vllm_importance_sampling_correction=True)
+    batch = make_batch(1)
+    with pytest.raises(ValueError, match="rollout_correction"):
+        ours(batch, dict(surrogate="vespo", rollout_correction="token_truncate"), rollout_logp=batch["sampling"])
+    with pytest.raises(ValueError, match="ratio must be 'token'"):
+        ours(batch, dict(surrogate="vespo", ratio="sequence"))
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo", "vespo"])
+@pytest.mark.parametrize("threshold", [-0.2, 0.0, 0.3])
+@pytest.mark.parametrize("with_sampling", [False, True])
+def test_off_policy_mask(loss_type, threshold, with_sampling):
+    batch = make_batch(23, spread=0.8)
+    sampling = batch["sampling"] if with_sampling else None
+    ref = trl_loss(batch, loss_type, beta=0.04, off_policy_mask_threshold=threshold, sampling=sampling)
+    kw = presets.trl(loss_type, beta=0.04, off_policy_mask_threshold=threshold)
+    for backend in ("torch", "cpu"):
+        got = ours(batch, kw, rollout_logp=sampling, backend=backend)
+        assert_same(got, ref)
+    unmasked = ours(batch, presets.trl(loss_type, beta=0.04), rollout_logp=sampling)
+    if threshold < 0.3:  # the mask drops a sequence here
+        assert not torch.allclose(got[1], unmasked[1])
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "vespo"])
+@pytest.mark.parametrize("quantile", [0.2, 0.5, 0.9])
+def test_top_entropy_quantile(loss_type, quantile):
+    """TRL's mask keeps tokens at or above the (1 - q)-quantile of the valid entropies; its entropy
+    bonus then averages over the kept tokens (the trainer integration's job: checked there)."""
+    batch = make_batch(29, spread=0.5)
+    ref = trl_loss(batch, loss_type, beta=0.04, top_entropy_quantile=quantile)
+    kw = presets.trl(loss_type, beta=0.04, top_entropy_quantile=quantile)
+    for backend in ("torch", "cpu"):
+        got = ours(batch, kw, entropy=True, backend=backend)
+        assert_same(got, ref)
+    threshold = float(torch.quantile(batch["entropy"][batch["mask"].bool()].float(), 1 - quantile))
+    explicit = ours(batch, dict(kw, top_entropy_quantile=1.0, entropy_mask_threshold=threshold), entropy=True)
+    assert_same(explicit, ref)
+    assert not torch.allclose(got[1], ours(batch, presets.trl(loss_type, beta=0.04))[1])

@@ -35,7 +35,7 @@ namespace fusedrl {
 namespace policy {
 
 // Option codes (python/fusedrl/ops/policy.py keeps the same tables).
-enum Surrogate : int { kClip = 0, kCispo = 1, kSapo = 2, kGeoMean = 3, kReinforce = 4, kGpg = 5 };
+enum Surrogate : int { kClip = 0, kCispo = 1, kSapo = 2, kGeoMean = 3, kReinforce = 4, kGpg = 5, kVespo = 6 };
 enum Ratio : int { kToken = 0, kSequence = 1, kSequenceToken = 2, kCumulative = 3, kHybrid = 4 };
 enum Kl : int { kK1 = 0, kAbs = 1, kK2 = 2, kK3 = 3, kLowVar = 4 };
 enum Rollout : int {
@@ -45,7 +45,11 @@ enum Rollout : int {
 enum MaskCode : int { kMaskByte = 4, kMaskInt32 = 5, kMaskInt64 = 6 };
 
 // Row statistics of the first pass, in this order (float64 [B, kNumStats]).
-enum Stat : int { kCount = 0, kSumRho, kSumAdv, kSumGeo, kSumRollout, kSumLogQ, kMaxEntropy, kNumStats };
+// kSumVespo: sum m clamp(rho) (vespo); kSumOffKl: sum m (mu - x), mu the sampler's (else the old)
+// log-probs (the off-policy sequence mask).
+enum Stat : int {
+  kCount = 0, kSumRho, kSumAdv, kSumGeo, kSumRollout, kSumLogQ, kMaxEntropy, kSumVespo, kSumOffKl, kNumStats
+};
 // Per-row outputs of the loss pass (float64 [B, kNumOutputs]): the row's share of the loss and the
 // sums over its valid tokens of m times each metric.
 enum Output : int {
@@ -57,6 +61,10 @@ constexpr double kGspoTokenLogMax = 10.0;
 constexpr double kLowVarLogBound = 20.0;
 constexpr double kLowVarValueBound = 10.0;
 constexpr double kGeoMeanLogEps = 1e-10;
+// TRL's vespo bounds (reference: VESPO_LOG_MIN = log(1e-8), VESPO_LOG_MAX, VESPO_LAMBDA_MIN).
+constexpr double kVespoLogMin = -18.420680743952367;
+constexpr double kVespoLogMax = 20.0;
+constexpr double kVespoLambdaMin = 1e-4;
 
 // Every non-tensor option, resolved (absent optional values have their has_ flag false).
 struct Options {
@@ -66,6 +74,7 @@ struct Options {
   bool clip_below = true;       // false for cispo_bounds="upper"
   bool hybrid_entropy = false;  // hybrid_mixing="entropy"
   bool has_dual = false, has_delta = false, has_cap = false, has_cap_low = false, has_clamp = true;
+  bool has_off_policy_mask = false, has_entropy_mask = false;
   double lo = 0.8, hi = 1.2;          // 1 - clip_low, 1 + clip_high
   double seq_lo = 0.8, seq_hi = 1.2;  // hybrid's sequence branch
   double log_lo = 0.0, log_hi = 0.0;  // cumulative: log(1 - clip_low), log(1 + clip_high)
@@ -73,6 +82,8 @@ struct Options {
   double dual = 3.0, delta = 0.0, beta = 0.0, entropy_coef = 0.0;
   double cap = 3.0, cap_low = 0.0, clamp = 20.0;
   double tau_pos = 1.0, tau_neg = 1.05, alpha = 0.5;
+  double vespo_k_pos = 2.0, vespo_lambda_pos = 3.0, vespo_k_neg = 3.0, vespo_lambda_neg = 2.0;
+  double off_policy_threshold = 0.0, entropy_threshold = 0.0;
 
   // Absent bounds as infinities (dual clip, delta, caps, the log-ratio clamp), so the per-token
   // math has no option tests; call once after filling the fields.
@@ -185,6 +196,30 @@ template <typename A> FUSEDRL_HD A sapo_surrogate(A w, A adv, const Options& o, 
   return -(sig * A(4) / tau) * adv;
 }
 
+// VESPO's gamma weight of a token (no gradient): exp(lambda + k log W - lambda W) with the row's
+// sequence weight W = exp(log_w) and (k, lambda) by the sign of A; non-finite -> 0 (TRL's nan_to_num).
+template <typename A> FUSEDRL_HD A vespo_phi(A adv, A log_w, A w, const Options& o) {
+  const bool nonneg = adv >= A(0);
+  const A k = nonneg ? A(o.vespo_k_pos) : A(o.vespo_k_neg);
+  const A lam0 = nonneg ? A(o.vespo_lambda_pos) : A(o.vespo_lambda_neg);
+  const A lam = lam0 > A(kVespoLambdaMin) ? lam0 : A(kVespoLambdaMin);
+  const A phi = exp_any(lam + k * log_w - lam * w);
+  return (phi == phi && phi < A(INFINITY)) ? phi : A(0);
+}
+
+// The masks on the surrogate (1 keeps the token): the off-policy sequence mask keeps A >= 0 or a row
+// whose mean sg(mu - x) is at most the threshold; the entropy mask keeps H >= its threshold.
+template <typename A> FUSEDRL_HD A off_policy_keep(A adv, A row_off_kl, const Options& o) {
+  return (adv >= A(0) || row_off_kl <= A(o.off_policy_threshold)) ? A(1) : A(0);
+}
+template <typename A> FUSEDRL_HD A entropy_keep(A h, const Options& o) {
+  return h >= A(o.entropy_threshold) ? A(1) : A(0);
+}
+template <typename A> FUSEDRL_HD A token_keep(A adv, A h, A row_off_kl, const Options& o) {
+  return (o.has_off_policy_mask ? off_policy_keep(adv, row_off_kl, o) : A(1)) *
+         (o.has_entropy_mask ? entropy_keep(h, o) : A(1));
+}
+
 // ---- rollout correction: the token weight from d = o - mu (or the row's sum for sequence modes) ----
 // *_truncate clamps q = exp(d) to [cap_low, cap]; *_mask and icepop keep q inside it, else 0.
 // Absent caps are +inf / -inf (Options::resolve).
@@ -250,6 +285,8 @@ template <typename A> struct Row {
   A geo, geo_pass;  // geo_mean: exp(mean rho~) and its clamp factor
   A q_row;       // sequence rollout weight, or geo_mean's geometric mean of the token weights
   A h_max;       // hybrid entropy mixing
+  A vespo_log_w, vespo_w;  // vespo: the clamped sequence log-weight and its exp
+  A off_kl;      // the off-policy mask's row mean sg(mu - x)
 };
 
 // stats: the row's kNumStats values.
@@ -273,6 +310,9 @@ template <typename A> FUSEDRL_HD Row<A> row_quantities(const double* stats, cons
     r.q_row = exp_any(A(stats[kSumLogQ]) / r.count_div);
   }
   r.h_max = A(stats[kMaxEntropy]);
+  r.vespo_log_w = clampv(A(stats[kSumVespo]), A(kVespoLogMin), A(kVespoLogMax));
+  r.vespo_w = exp_any(r.vespo_log_w);
+  r.off_kl = A(stats[kSumOffKl]) / r.count_div;
   return r;
 }
 

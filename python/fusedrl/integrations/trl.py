@@ -11,8 +11,12 @@ GRPOTrainer`` in place of ``from trl import GRPOTrainer`` is the whole change.
   unchanged, so the policy, old and reference log-probs all take this path.
 - **Loss.** ``_compute_loss`` calls :func:`fusedrl.policy_loss` with the keywords of
   :func:`fusedrl.presets.trl` and the normalizer of TRL's loss type (see "Scaling" in
-  :func:`fusedrl.policy_loss`); the entropy bonus is TRL's token mean, from
-  :func:`fusedrl.aggregate`. It logs TRL's metrics under TRL's names.
+  :func:`fusedrl.policy_loss`): every loss type of TRL 1.16 (vespo included), the off-policy
+  sequence mask (``off_policy_mask_threshold``) and the top-entropy-quantile mask
+  (``top_entropy_quantile``, its threshold the quantile over every process, as TRL's
+  ``get_high_entropy_mask``) run in the fused kernel; the entropy bonus is TRL's token mean over
+  the tokens the entropy mask keeps, from :func:`fusedrl.aggregate`. It logs TRL's metrics under
+  TRL's names.
 
 Everything else (generation, rewards, multi-objective reward aggregation, group advantages,
 ``scale_rewards``, ``mask_truncated_completions``, gradient accumulation, ``num_iterations``,
@@ -34,9 +38,6 @@ __all__ = ["GRPOTrainer", "UNSUPPORTED", "check_grpo_config"]
 
 # GRPOConfig options (trl 1.16) with a value this trainer refuses -> why.
 UNSUPPORTED = {
-    "loss_type='vespo'": "VESPO's gamma weights are not a fusedrl objective yet",
-    "off_policy_mask_threshold": "the off-policy sequence mask is not a fusedrl objective yet",
-    "top_entropy_quantile < 1.0": "the top-entropy-quantile token mask is not a fusedrl objective yet",
     "use_adaptive_entropy=True": "the adaptive entropy controller is not reproduced",
     "use_vllm=True": "vLLM generation (and its importance-sampling correction) is untested with fusedrl",
     "router_aux_loss_coef (MoE models)": "the MoE load-balancing loss is not computed by the fused head",
@@ -50,15 +51,9 @@ def check_grpo_config(args, *, aux_loss_enabled: bool = False) -> None:
         raise ValueError(f"fusedrl.integrations.trl.GRPOTrainer: GRPOConfig {option} (got {value!r}) is not "
                          f"supported: {UNSUPPORTED[option]}; use trl.GRPOTrainer for it")
 
-    if args.loss_type == "vespo":
-        refuse("loss_type='vespo'", args.loss_type)
     if args.loss_type not in presets.TRL_LOSS_TYPES:
         raise ValueError(f"fusedrl.integrations.trl.GRPOTrainer: GRPOConfig loss_type must be one of "
                          f"{tuple(presets.TRL_LOSS_TYPES)}, got {args.loss_type!r}")
-    if args.off_policy_mask_threshold is not None:
-        refuse("off_policy_mask_threshold", args.off_policy_mask_threshold)
-    if args.top_entropy_quantile < 1.0:
-        refuse("top_entropy_quantile < 1.0", args.top_entropy_quantile)
     if args.use_adaptive_entropy:
         refuse("use_adaptive_entropy=True", args.use_adaptive_entropy)
     if args.use_vllm:
@@ -131,6 +126,7 @@ class GRPOTrainer(trl.GRPOTrainer):
 
         logp, entropies, _ = self._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, logits_to_keep, compute_entropy=True)
+        entropy_threshold = self._entropy_threshold(entropies, mask) if self.top_entropy_quantile < 1.0 else None
         advantages = inputs["advantages"]
         old_logp = inputs.get("old_per_token_logps")
         train = self.model.training
@@ -141,23 +137,65 @@ class GRPOTrainer(trl.GRPOTrainer):
             importance_sampling_level=self.importance_sampling_level,
             sapo_temperature_pos=self.args.sapo_temperature_pos, sapo_temperature_neg=self.args.sapo_temperature_neg,
             use_bias_correction_kl=self.args.use_bias_correction_kl, beta=self.beta, kl="k3",
+            vespo_k_pos=self.args.vespo_k_pos, vespo_lambda_pos=self.args.vespo_lambda_pos,
+            vespo_k_neg=self.args.vespo_k_neg, vespo_lambda_neg=self.args.vespo_lambda_neg,
+            off_policy_mask_threshold=self.off_policy_mask_threshold,
         )
         ref_logp = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
+        masks = {}
+        if self.off_policy_mask_threshold is not None:  # TRL: the sampler's log-probs when it has them
+            masks["rollout_logp"] = inputs.get("sampling_per_token_logps")
+        if entropy_threshold is not None:
+            masks.update(entropy=entropies.detach(), entropy_mask_threshold=entropy_threshold)
         loss, metrics = fusedrl.policy_loss(
-            logp, old_logp, advantages, mask, ref_logp=ref_logp, **kw, **self._normalizers(mask, inputs, train),
+            logp, old_logp, advantages, mask, ref_logp=ref_logp, **kw, **masks, **self._normalizers(mask, inputs, train),
             backend=self._fusedrl_backend,
         )
         gas = self.current_gradient_accumulation_steps if train else 1.0
 
         if self._entropy_bonus_enabled:  # TRL: a token mean of H over the mask, divided by the accumulation steps
-            policy_loss = loss.detach() * (1.0 if self.loss_type in ("dapo", "cispo") else gas)
-            loss = loss - self.entropy_coef * fusedrl.aggregate(entropies, mask, "token-mean") / gas
+            policy_loss = loss.detach() * (1.0 if self.loss_type in ("dapo", "cispo", "vespo") else gas)
+            bonus_mask = mask  # TRL: the tokens the entropy mask keeps
+            if entropy_threshold is not None:
+                bonus_mask = mask * ((entropies.detach() * mask >= entropy_threshold) & mask.bool())
+            loss = loss - self.entropy_coef * fusedrl.aggregate(entropies, bonus_mask, "token-mean") / gas
             self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
             if train and self.accelerator.sync_gradients:
                 self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
         self._log_metrics(mode, logp, old_logp, advantages, mask, entropies, metrics)
+        if self.loss_type == "vespo":
+            self._log_vespo(mode, logp, old_logp, advantages, mask)
         return loss
+
+    @torch.no_grad()
+    def _entropy_threshold(self, entropies, mask) -> float:
+        """TRL's get_high_entropy_mask threshold: the (1 - top_entropy_quantile)-quantile of the valid
+        entropies of every process (+inf when there are none: every token is masked)."""
+        local = entropies[mask.bool()].float()
+        pad_value = -1e9  # TRL's sentinel (entropies are >= 0)
+        gathered = self.accelerator.gather(self.accelerator.pad_across_processes(local, dim=0, pad_index=pad_value))
+        gathered = gathered[gathered != pad_value]
+        if gathered.numel() == 0:
+            return float("inf")
+        return float(torch.quantile(gathered, 1 - self.top_entropy_quantile))
+
+    @torch.no_grad()
+    def _log_vespo(self, mode, logp, old_logp, advantages, mask):
+        """TRL's vespo/phi_seq_mean: the mean over sequences of the gamma weights (TRL's own function)."""
+        adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+        old = logp.detach() if old_logp is None else old_logp
+        phi = trl.GRPOTrainer.get_gamma_weights(
+            advantages=adv, log_ratio_per_token=logp.detach() - old, mask=mask, importance_sampling_ratio=None,
+            k_pos=self.args.vespo_k_pos, lambda_pos=self.args.vespo_lambda_pos, k_neg=self.args.vespo_k_neg,
+            lambda_neg=self.args.vespo_lambda_neg,
+        )
+        if phi.shape[1] == 1:
+            local = torch.stack([phi.sum(), torch.tensor(float(phi.shape[0]), device=phi.device)])
+        else:
+            local = torch.stack([(phi * mask).sum(), mask.sum().float()])
+        totals = self.accelerator.reduce(local, reduction="sum")
+        self._metrics[mode]["vespo/phi_seq_mean"].append((totals[0] / totals[1].clamp(min=1.0)).item())
 
     @torch.no_grad()
     def _log_metrics(self, mode, logp, old_logp, advantages, mask, entropies, metrics):

@@ -15,6 +15,8 @@ here                      fusedrl/policy.h / csrc/cpu/policy.cpp
 ``_clip_ratio_pass``
 ``_clip_surrogate``       ``clip_surrogate`` (TRL's delta, verl's dual clip and its flag)
 ``_sapo_surrogate``       ``sapo_surrogate``
+``_vespo_phi``            ``vespo_phi``
+``_token_keep``           ``token_keep`` (the off-policy sequence mask and the entropy mask)
 ``_rollout_weight``       ``rollout_weight``
 ``_kl_value``             ``kl_value`` (value, derivative)
 ``_geo_log_ratio``        ``geo_log_ratio``
@@ -54,7 +56,8 @@ Runtime vs compile time. T, the strides, every hyperparameter (the float64 ``val
 ``A(o.x)`` in C++) and the presence-of-a-value flags (has_dual, has_delta, has_cap, has_cap_low,
 has_clamp) and the kl_straight / bias_kl / clip_below switches are runtime arguments. Only BLOCK,
 the option codes that select a code path (surrogate, ratio level, KL kind, rollout mode, hybrid
-mixing) and the presence of each operand are ``tl.constexpr``.
+mixing, the off-policy and entropy masks: their thresholds are runtime values) and the presence of
+each operand are ``tl.constexpr``.
 """
 
 from __future__ import annotations
@@ -74,18 +77,22 @@ BLOCK_T = 256
 # Option codes (fusedrl/policy.h; python/fusedrl/ops/policy.py keeps the same tables), as
 # tl.constexpr globals so that the kernels can read them.
 _cx = tl.constexpr
-CLIP, CISPO, SAPO, GEO_MEAN, REINFORCE, GPG = _cx(0), _cx(1), _cx(2), _cx(3), _cx(4), _cx(5)
+CLIP, CISPO, SAPO, GEO_MEAN, REINFORCE, GPG, VESPO = _cx(0), _cx(1), _cx(2), _cx(3), _cx(4), _cx(5), _cx(6)
 TOKEN, SEQUENCE, SEQUENCE_TOKEN, CUMULATIVE, HYBRID = _cx(0), _cx(1), _cx(2), _cx(3), _cx(4)
 K1, ABS, K2, K3, LOW_VAR = _cx(0), _cx(1), _cx(2), _cx(3), _cx(4)
 NO_ROLLOUT, TOKEN_TRUNCATE, TOKEN_MASK = _cx(-1), _cx(0), _cx(1)
 SEQUENCE_TRUNCATE, SEQUENCE_MASK, ICEPOP = _cx(2), _cx(3), _cx(4)
-NUM_STATS, NUM_OUTPUTS = _cx(7), _cx(9)
+NUM_STATS, NUM_OUTPUTS = _cx(9), _cx(9)
 
 # verl's bounds (policy.h kGspoTokenLogMax, kLowVarLogBound, kLowVarValueBound, kGeoMeanLogEps).
 GSPO_TOKEN_LOG_MAX = _cx(10.0)
 LOW_VAR_LOG_BOUND = _cx(20.0)
 LOW_VAR_VALUE_BOUND = _cx(10.0)
 GEO_MEAN_LOG_EPS = _cx(1e-10)
+# TRL's vespo bounds (policy.h kVespoLogMin = log(1e-8), kVespoLogMax, kVespoLambdaMin).
+VESPO_LOG_MIN = _cx(-18.420680743952367)
+VESPO_LOG_MAX = _cx(20.0)
+VESPO_LAMBDA_MIN = _cx(1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,6 +184,31 @@ def _sapo_surrogate(w, adv, tau_pos, tau_neg):
     return -(sig * 4.0 / tau) * adv, dw
 
 
+@triton.jit
+def _vespo_phi(adv, log_w, w, k_pos, lambda_pos, k_neg, lambda_neg):
+    """vespo_phi: the gamma weight exp(lambda + k log W - lambda W); non-finite -> 0."""
+    nonneg = adv >= 0.0
+    k = tl.where(nonneg, k_pos, k_neg)
+    lam = tl.where(nonneg, lambda_pos, lambda_neg)
+    lam = tl.where(lam > VESPO_LAMBDA_MIN, lam, VESPO_LAMBDA_MIN)
+    phi = tl.exp(lam + k * log_w - lam * w)
+    return tl.where((phi == phi) & (phi < float("inf")), phi, 0.0)
+
+
+@triton.jit
+def _token_keep(adv, h, row_off_kl, off_threshold, entropy_threshold, OFF_MASK: tl.constexpr,
+                ENTROPY_MASK: tl.constexpr):
+    """token_keep: the off-policy sequence mask (A >= 0 or the row's mean sg(mu - x) <= threshold)
+    times the entropy mask (H >= threshold); 1 without masks."""
+    keep = tl.zeros(adv.shape, adv.dtype) + 1.0
+    if OFF_MASK:
+        low_kl = tl.where(row_off_kl <= off_threshold, 1.0, 0.0)  # the row's (a scalar)
+        keep = tl.where(adv >= 0.0, keep, keep * low_kl)
+    if ENTROPY_MASK:
+        keep = tl.where(h >= entropy_threshold, keep, 0.0)
+    return keep
+
+
 # ---- rollout correction ----
 
 
@@ -244,7 +276,8 @@ def _geo_log_ratio(rho, adv, geo_lo, geo_hi):
 @triton.jit
 def _row_quantities(st_ptr, has_cap, cap, has_cap_low, cap_low, has_clamp, clamp,
                     SURROGATE: tl.constexpr, ROLLOUT: tl.constexpr, ACC: tl.constexpr):
-    """row_quantities: (count_div, s, s_pass, log_s, adv_mean, geo, geo_pass, q_row, h_max, n)."""
+    """row_quantities: (count_div, s, s_pass, log_s, adv_mean, geo, geo_pass, q_row, h_max, n,
+    vespo_log_w, vespo_w, off_kl)."""
     n = tl.load(st_ptr + 0).to(ACC)
     count_div = tl.where(n > 0.0, n, 1.0).to(ACC)
     log_s = tl.load(st_ptr + 1).to(ACC) / count_div
@@ -266,7 +299,10 @@ def _row_quantities(st_ptr, has_cap, cap, has_cap_low, cap_low, has_clamp, clamp
     elif (ROLLOUT != NO_ROLLOUT) and (SURROGATE == GEO_MEAN):
         q_row = tl.exp(tl.load(st_ptr + 5).to(ACC) / count_div)
     h_max = tl.load(st_ptr + 6).to(ACC)
-    return count_div, s, s_pass, log_s, adv_mean, geo, geo_pass, q_row, h_max, n
+    vespo_log_w = _clampv(tl.load(st_ptr + 7).to(ACC), VESPO_LOG_MIN, VESPO_LOG_MAX).to(ACC)
+    vespo_w = tl.exp(vespo_log_w)
+    off_kl = tl.load(st_ptr + 8).to(ACC) / count_div
+    return count_div, s, s_pass, log_s, adv_mean, geo, geo_pass, q_row, h_max, n, vespo_log_w, vespo_w, off_kl
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,18 +358,19 @@ def _stats_kernel(
     geo_lo: tl.float64, geo_hi: tl.float64, cap: tl.float64, cap_low: tl.float64, clamp: tl.float64,
     SURROGATE: tl.constexpr, RATIO: tl.constexpr, ROLLOUT: tl.constexpr, HYBRID_ENTROPY: tl.constexpr,
     STATS_ADV: tl.constexpr, HAS_OLD: tl.constexpr, HAS_MU: tl.constexpr, HAS_H: tl.constexpr,
-    PACKED: tl.constexpr, BLOCK: tl.constexpr,
+    OFF_MASK: tl.constexpr, PACKED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
     ACC: tl.constexpr = tl.float64 if logp_ptr.dtype.element_ty == tl.float64 else tl.float32
+    IS_VESPO: tl.constexpr = SURROGATE == VESPO
     NEED_RHO: tl.constexpr = (RATIO == SEQUENCE) or (RATIO == SEQUENCE_TOKEN) or (RATIO == HYBRID)
     GEO: tl.constexpr = SURROGATE == GEO_MEAN
     NEED_ADV: tl.constexpr = GEO or STATS_ADV
     SEQ_ROLL: tl.constexpr = (ROLLOUT == SEQUENCE_TRUNCATE) or (ROLLOUT == SEQUENCE_MASK)
     TOK_ROLL_GEO: tl.constexpr = GEO and (ROLLOUT != NO_ROLLOUT) and not SEQ_ROLL
-    NEED_X: tl.constexpr = NEED_RHO or GEO
+    NEED_X: tl.constexpr = NEED_RHO or GEO or IS_VESPO or OFF_MASK
     NEED_O: tl.constexpr = NEED_X or SEQ_ROLL or TOK_ROLL_GEO
-    NEED_MU: tl.constexpr = (SEQ_ROLL or TOK_ROLL_GEO) and HAS_MU
+    NEED_MU: tl.constexpr = (SEQ_ROLL or TOK_ROLL_GEO or OFF_MASK) and HAS_MU
     NEED_H: tl.constexpr = (RATIO == HYBRID) and HYBRID_ENTROPY
     geo_lo_a = tl.full((), geo_lo, ACC)
     geo_hi_a = tl.full((), geo_hi, ACC)
@@ -348,6 +385,8 @@ def _stats_kernel(
     sgeo = tl.zeros((), tl.float64)
     sroll = tl.zeros((), tl.float64)
     slogq = tl.zeros((), tl.float64)
+    svespo = tl.zeros((), tl.float64)
+    soff = tl.zeros((), tl.float64)
     hmax = tl.full((), float("-inf"), ACC)
     for t0 in range(0, length, BLOCK):
         offs = t0 + lanes
@@ -363,6 +402,10 @@ def _stats_kernel(
                 o = x
             if NEED_RHO:
                 srho += tl.sum((m * (x - o)).to(tl.float64), axis=0)
+            if IS_VESPO:
+                svespo += tl.sum((m * _clamp_log(x - o, has_clamp, clamp_a)).to(tl.float64), axis=0)
+            if OFF_MASK and not HAS_MU:
+                soff += tl.sum((m * (o - x)).to(tl.float64), axis=0)
         if NEED_ADV:
             adv = _load(adv_ptr, i, s_a_row, s_a_tok, pos, inb, ok, ACC)
             sadv += tl.sum((m * adv).to(tl.float64), axis=0)
@@ -377,6 +420,8 @@ def _stats_kernel(
                 q = _rollout_weight(o - mu, has_cap, cap_a, has_cap_low, cap_low_a, has_clamp, clamp_a, ROLLOUT)
                 lq = m * tl.log(q + GEO_MEAN_LOG_EPS)
                 slogq += tl.sum(tl.where(inb, lq, 0.0).to(tl.float64), axis=0)
+            if OFF_MASK:  # the sampler's log-probs
+                soff += tl.sum((m * (mu - x)).to(tl.float64), axis=0)
         if NEED_H and HAS_H:
             h = _load(h_ptr, i, s_h_row, s_h_tok, pos, inb, ok, ACC)
             # padded tokens count as 0; a NaN never wins (the C++ `h > hmax ? h : hmax`)
@@ -390,6 +435,8 @@ def _stats_kernel(
     tl.store(st + 4, sroll)
     tl.store(st + 5, slogq)
     tl.store(st + 6, hmax.to(tl.float64))
+    tl.store(st + 7, svespo)
+    tl.store(st + 8, soff)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,9 +517,9 @@ def _ratio_stage(x, o, m, h, row_s, row_log_s, row_h_max, c_carry, n_carry,
 
 
 @triton.jit
-def _surrogate_stage(w, wc, x, o, adv, row_adv_mean, row_geo, row_geo_pass, row_count_div,
-                     has_delta, delta, has_dual, dual, tau_pos, tau_neg, geo_lo, geo_hi,
-                     SURROGATE: tl.constexpr, ACC: tl.constexpr):
+def _surrogate_stage(w, wc, x, o, adv, row_adv_mean, row_geo, row_geo_pass, row_count_div, row_vespo_log_w,
+                     row_vespo_w, has_delta, delta, has_dual, dual, tau_pos, tau_neg, geo_lo, geo_hi,
+                     k_pos, lambda_pos, k_neg, lambda_neg, SURROGATE: tl.constexpr, ACC: tl.constexpr):
     """surrogate_stage: (l, dl/dw, dl/dwc, dl/dx, clipped-low flag, clipped-high flag, dual flag)."""
     zero = tl.zeros(x.shape, ACC)
     if SURROGATE == CLIP:
@@ -498,6 +545,13 @@ def _surrogate_stage(w, wc, x, o, adv, row_adv_mean, row_geo, row_geo_pass, row_
     elif SURROGATE == GPG:
         l = -adv * x
         dx = -adv
+        dw = zero
+        dwc = zero
+        f_dual = zero
+    elif SURROGATE == VESPO:  # -sg(phi) A x, phi from the row's sequence weight and the sign of A
+        phi = _vespo_phi(adv, row_vespo_log_w, row_vespo_w, k_pos, lambda_pos, k_neg, lambda_neg)
+        l = -phi * adv * x
+        dx = -phi * adv
         dw = zero
         dwc = zero
         f_dual = zero
@@ -561,10 +615,12 @@ def _loss_kernel(
     log_hi: tl.float64, geo_lo: tl.float64, geo_hi: tl.float64, dual: tl.float64, delta: tl.float64,
     beta: tl.float64, entropy_coef: tl.float64, cap: tl.float64, cap_low: tl.float64, clamp: tl.float64,
     tau_pos: tl.float64, tau_neg: tl.float64, hybrid_alpha: tl.float64,
+    vespo_k_pos: tl.float64, vespo_lambda_pos: tl.float64, vespo_k_neg: tl.float64, vespo_lambda_neg: tl.float64,
+    off_threshold: tl.float64, entropy_threshold: tl.float64,
     SURROGATE: tl.constexpr, RATIO: tl.constexpr, KL: tl.constexpr, ROLLOUT: tl.constexpr,
     HYBRID_ENTROPY: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_MU: tl.constexpr,
     HAS_H: tl.constexpr, HAS_STATS: tl.constexpr, HAS_GX: tl.constexpr, HAS_GH: tl.constexpr,
-    PACKED: tl.constexpr, BLOCK: tl.constexpr,
+    OFF_MASK: tl.constexpr, ENTROPY_MASK: tl.constexpr, PACKED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
     ACC: tl.constexpr = tl.float64 if logp_ptr.dtype.element_ty == tl.float64 else tl.float32
@@ -587,10 +643,17 @@ def _loss_kernel(
     tau_pos_a = tl.full((), tau_pos, ACC)
     tau_neg_a = tl.full((), tau_neg, ACC)
     alpha_a = tl.full((), hybrid_alpha, ACC)
+    k_pos_a = tl.full((), vespo_k_pos, ACC)
+    lambda_pos_a = tl.full((), vespo_lambda_pos, ACC)
+    k_neg_a = tl.full((), vespo_k_neg, ACC)
+    lambda_neg_a = tl.full((), vespo_lambda_neg, ACC)
+    off_threshold_a = tl.full((), off_threshold, ACC)
+    entropy_threshold_a = tl.full((), entropy_threshold, ACC)
     start, length = _row_span(cu_ptr, i, T, PACKED)
     # the row quantities (defaults when pass 1 did not run)
     if HAS_STATS:
-        count_div, row_s, s_pass, log_s, adv_mean, geo, geo_pass, q_row, h_max, n_row = _row_quantities(
+        (count_div, row_s, s_pass, log_s, adv_mean, geo, geo_pass, q_row, h_max, n_row, vespo_log_w, vespo_w,
+         off_kl) = _row_quantities(
             stats_ptr + i * NUM_STATS, has_cap, cap_a, has_cap_low, cap_low_a, has_clamp, clamp_a,
             SURROGATE, ROLLOUT, ACC)
         geo_weight = n_row  # geo_mean: the row value is counted on each of the row's tokens
@@ -599,6 +662,7 @@ def _loss_kernel(
         zero_s = tl.zeros((), ACC)
         count_div, row_s, s_pass, log_s, adv_mean, geo, geo_pass, q_row, h_max = (
             one, one, zero_s, zero_s, zero_s, one, zero_s, one, zero_s)
+        vespo_log_w, vespo_w, off_kl = zero_s, one, zero_s
         geo_weight = zero_s
     g = tl.load(coef_ptr + 3 * i).to(ACC)
     bg = (beta * tl.load(coef_ptr + 3 * i + 1)).to(ACC)
@@ -640,14 +704,16 @@ def _loss_kernel(
             x, o, m, h, row_s, log_s, h_max, c_carry, n_carry, lo_a, hi_a, seq_lo_a, seq_hi_a, log_lo_a, log_hi_a,
             clip_below, alpha_a, has_clamp, clamp_a, RATIO, HYBRID_ENTROPY, ACC)
         l, dw_l, dwc_l, dx_l, f_low, f_high, f_dual = _surrogate_stage(
-            w, wc, x, o, adv, adv_mean, geo, geo_pass, count_div, has_delta, delta_a, has_dual, dual_a,
-            tau_pos_a, tau_neg_a, geo_lo_a, geo_hi_a, SURROGATE, ACC)
+            w, wc, x, o, adv, adv_mean, geo, geo_pass, count_div, vespo_log_w, vespo_w, has_delta, delta_a, has_dual,
+            dual_a, tau_pos_a, tau_neg_a, geo_lo_a, geo_hi_a, k_pos_a, lambda_pos_a, k_neg_a, lambda_neg_a,
+            SURROGATE, ACC)
         if (ROLLOUT != NO_ROLLOUT) and HAS_MU:
             mu = _load(mu_ptr, i, s_mu_row, s_mu_tok, pos, inb, ok, ACC)
         else:
             mu = tl.zeros((BLOCK,), ACC)
         q = _rollout_stage(o, mu, q_row, has_cap, cap_a, has_cap_low, cap_low_a, has_clamp, clamp_a,
                            SURROGATE, ROLLOUT, ACC)
+        keep = _token_keep(adv, h, off_kl, off_threshold_a, entropy_threshold_a, OFF_MASK, ENTROPY_MASK)
         if HAS_REF:
             r = _load(ref_ptr, i, s_r_row, s_r_tok, pos, inb, ok, ACC)
             kl, dkl_x, dkl_w = _kl_stage(x, r, w, kl_straight, bias_kl, KL)
@@ -656,7 +722,7 @@ def _loss_kernel(
             dkl_x = kl
             dkl_w = kl
         # combine; the row sums take float64 values of the real tokens (lanes past the row excluded)
-        mq = m * g * q
+        mq = m * g * q * keep
         dw = mq * dw_l + m * bg * dkl_w
         dwc = mq * dwc_l
         dx = mq * dx_l * dx_scale + m * bg * dkl_x
@@ -666,7 +732,7 @@ def _loss_kernel(
         dx = tl.where(real, dx, 0.0)
         local = tl.where(real, local, 0.0)
         dlds += tl.sum(tl.where(real, (dw * rw + dwc * rwc).to(tl.float64), 0.0), axis=0)
-        s_sur += tl.sum(tl.where(real, (m * q * l).to(tl.float64), 0.0), axis=0)
+        s_sur += tl.sum(tl.where(real, (m * q * keep * l).to(tl.float64), 0.0), axis=0)
         s_kl += tl.sum(tl.where(real, (m * kl).to(tl.float64), 0.0), axis=0)
         s_h += tl.sum(tl.where(inb, (m * h).to(tl.float64), 0.0), axis=0)
         cnt += tl.sum(tl.where(inb, m.to(tl.float64), 0.0), axis=0)
@@ -748,7 +814,7 @@ def _cu(o, dummy):
 
 
 def policy_stats(o) -> None:
-    """Pass 1: fills ``o.stats`` [B, 7] (float64) as csrc/cpu/policy.cpp ``stats_rows``."""
+    """Pass 1: fills ``o.stats`` [B, 9] (float64) as csrc/cpu/policy.cpp ``stats_rows``."""
     flags, v = o.flags, o.values
     dummy = o.stats
     x, sxr, sxt, _ = _operand(o, "logp", dummy)
@@ -764,7 +830,8 @@ def policy_stats(o) -> None:
         flags[10], flags[11], flags[12],
         v[6], v[7], v[12], v[13], v[14],
         SURROGATE=flags[0], RATIO=flags[1], ROLLOUT=flags[3], HYBRID_ENTROPY=bool(flags[7]),
-        STATS_ADV=bool(o.stats_adv), HAS_OLD=has_old, HAS_MU=has_mu, HAS_H=has_h, PACKED=packed,
+        STATS_ADV=bool(o.stats_adv), HAS_OLD=has_old, HAS_MU=has_mu, HAS_H=has_h, OFF_MASK=bool(flags[13]),
+        PACKED=packed,
         BLOCK=_block(o.T),
     )
 
@@ -802,5 +869,6 @@ def policy_loss(o) -> None:
         *v,
         SURROGATE=flags[0], RATIO=ratio, KL=flags[2], ROLLOUT=flags[3], HYBRID_ENTROPY=bool(flags[7]),
         HAS_OLD=has_old, HAS_REF=has_ref, HAS_MU=has_mu, HAS_H=has_h, HAS_STATS=o.stats is not None,
-        HAS_GX=has_gx, HAS_GH=has_gh, PACKED=packed, BLOCK=_block(o.T),
+        HAS_GX=has_gx, HAS_GH=has_gh, OFF_MASK=bool(flags[13]), ENTROPY_MASK=bool(flags[14]), PACKED=packed,
+        BLOCK=_block(o.T),
     )

@@ -23,24 +23,31 @@ from torch import Tensor
 from fusedrl import _ext
 from fusedrl.reference import aggregate as ref_agg
 
-SURROGATE_CODES = {"clip": 0, "cispo": 1, "sapo": 2, "geo_mean": 3, "reinforce": 4, "gpg": 5}
+SURROGATE_CODES = {"clip": 0, "cispo": 1, "sapo": 2, "geo_mean": 3, "reinforce": 4, "gpg": 5, "vespo": 6}
 RATIO_CODES = {"token": 0, "sequence": 1, "sequence-token": 2, "cumulative": 3, "hybrid": 4}
 KL_CODES = {"k1": 0, "abs": 1, "k2": 2, "k3": 3, "low_var_kl": 4}
 ROLLOUT_CODES = {None: -1, "token_truncate": 0, "token_mask": 1, "sequence_truncate": 2, "sequence_mask": 3,
                  "icepop": 4}
 # Mask codes of csrc/include/fusedrl/policy.h (float masks use the DType codes 0-3).
 MASK_CODES = {torch.bool: 4, torch.uint8: 4, torch.int32: 5, torch.int64: 6}
-NUM_STATS = 7
+NUM_STATS = 9
 NUM_OUTPUTS = 9
-STAT = {"count": 0, "sum_rho": 1, "sum_adv": 2, "sum_geo": 3, "sum_rollout": 4, "sum_logq": 5, "max_entropy": 6}
+STAT = {"count": 0, "sum_rho": 1, "sum_adv": 2, "sum_geo": 3, "sum_rollout": 4, "sum_logq": 5, "max_entropy": 6,
+        "sum_vespo": 7, "sum_off_kl": 8}
 OUT = {"loss": 0, "count": 1, "clip_low": 2, "clip_high": 3, "clip_dual": 4, "ratio": 5, "kl": 6, "entropy": 7,
        "rollout": 8}
 
 
+def option_lists(p, entropy_mask_threshold: float | None = None) -> tuple[list[int], list[float]]:
+    """The kernel's Options (csrc/include/fusedrl/policy.h) from a resolved PolicyParams and the
+    call's entropy-mask threshold (None: no mask), as the binding's two flat lists (integers, floats)."""
+    flags, values = _param_lists(p)
+    has_emask = entropy_mask_threshold is not None
+    return flags + [int(has_emask)], values + [float(entropy_mask_threshold) if has_emask else 0.0]
+
+
 @functools.lru_cache(maxsize=256)
-def option_lists(p) -> tuple[list[int], list[float]]:
-    """The kernel's Options (csrc/include/fusedrl/policy.h) from a resolved PolicyParams, as the
-    binding's two flat lists (integers, floats)."""
+def _param_lists(p) -> tuple[list[int], list[float]]:
     seq_lo = p.clip_low if p.seq_clip_low is None else p.seq_clip_low
     seq_hi = p.clip_high if p.seq_clip_high is None else p.seq_clip_high
     base_kl = p.kl[:-1] if p.kl.endswith("+") else p.kl
@@ -51,13 +58,15 @@ def option_lists(p) -> tuple[list[int], list[float]]:
         int(not (p.surrogate == "cispo" and p.cispo_bounds == "upper")), int(p.hybrid_mixing == "entropy"),
         int(p.clip_ratio_c is not None), int(p.delta is not None), int(p.rollout_cap is not None),
         int(p.rollout_cap_low is not None), int(p.log_ratio_clamp is not None),
+        int(p.off_policy_mask_threshold is not None),
     ]
     values = [
         1.0 - p.clip_low, 1.0 + p.clip_high, 1.0 - seq_lo, 1.0 + seq_hi,
         _log1p(-p.clip_low) if cumulative else 0.0, _log1p(p.clip_high) if cumulative else 0.0,
         p.clip_low, p.clip_high, p.clip_ratio_c or 0.0, p.delta or 0.0, p.beta, p.entropy_coef,
         p.rollout_cap or 0.0, p.rollout_cap_low or 0.0, p.log_ratio_clamp or 0.0, p.tau_pos, p.tau_neg,
-        p.hybrid_alpha,
+        p.hybrid_alpha, p.vespo_k_pos, p.vespo_lambda_pos, p.vespo_k_neg, p.vespo_lambda_neg,
+        p.off_policy_mask_threshold or 0.0,
     ]
     return flags, [float(v) for v in values]
 
@@ -73,7 +82,8 @@ def needs_stats(p, *, coefficient_counts: bool, balanced: bool) -> bool:
     coefficients need per-row sums."""
     return (
         coefficient_counts or balanced or p.ratio in ("sequence", "sequence-token", "hybrid")
-        or p.surrogate == "geo_mean" or (p.rollout_correction or "").startswith("sequence")
+        or p.surrogate in ("geo_mean", "vespo") or (p.rollout_correction or "").startswith("sequence")
+        or p.off_policy_mask_threshold is not None
     )
 
 
@@ -215,7 +225,7 @@ def policy_stats_op(
     entropy: Tensor | None, cu_seqlens: Tensor | None, flags: list[int], values: list[float], stats_adv: bool,
     backend: str,
 ) -> Tensor:
-    """Pass 1: the row statistics [B, 7] (float64; the Stat enum of fusedrl/policy.h)."""
+    """Pass 1: the row statistics [B, 9] (float64; the Stat enum of fusedrl/policy.h)."""
     return _policy_stats(logp, old_logp, advantages, mask, rollout_logp, entropy, cu_seqlens, flags, values,
                          stats_adv, backend)
 
@@ -342,11 +352,11 @@ def _metrics(rows: Tensor, p, has_ref: bool, has_entropy: bool, dtype: torch.dty
 
 
 def fused_policy_loss(backend: str, logp, old_logp, advantages, mask, *, ref_logp, rollout_logp, entropy, cu_seqlens,
-                      group_ids, num_tokens, num_sequences, max_length, num_groups, params):
+                      group_ids, num_tokens, num_sequences, max_length, num_groups, params, entropy_mask_threshold=None):
     """:func:`fusedrl.reference.policy.policy_loss` computed by the ``backend`` kernel (inputs
     validated by :func:`fusedrl.policy_loss`). Returns ``(loss, metrics)``."""
     p = params
-    flags, values = option_lists(p)
+    flags, values = option_lists(p, entropy_mask_threshold)
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(torch.int64).contiguous()  # the kernels read int64 offsets
     # constants for the kernels (the policy_objective autograd returns no gradient for them)

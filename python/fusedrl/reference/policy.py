@@ -28,7 +28,7 @@ from fusedrl.reference.aggregate import aggregate, mask_weight, masked, per_row_
 from fusedrl.reference.kl import kl_estimator
 from fusedrl.reference.logprobs import accumulation_dtype
 
-SURROGATES = ("clip", "cispo", "sapo", "geo_mean", "reinforce", "gpg")
+SURROGATES = ("clip", "cispo", "sapo", "geo_mean", "reinforce", "gpg", "vespo")
 RATIOS = ("token", "sequence", "sequence-token", "cumulative", "hybrid")
 ROLLOUT_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "icepop")
 HYBRID_MIXINGS = ("average", "entropy")
@@ -38,6 +38,11 @@ CISPO_BOUNDS = ("upper", "both")
 GSPO_TOKEN_LOG_RATIO_MAX = 10.0
 # verl geo_mean: token rollout weights enter the sequence geometric mean as log(w + 1e-10).
 GEO_MEAN_LOG_EPS = 1e-10
+# TRL vespo (GRPOTrainer.get_gamma_weights): the sequence log-weight is clamped to [log(1e-8), 20] and
+# the rate lambda below at 1e-4.
+VESPO_LOG_MIN = math.log(1e-8)
+VESPO_LOG_MAX = 20.0
+VESPO_LAMBDA_MIN = 1e-4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,6 +190,37 @@ def geo_mean_surrogate(rho, adv, valid, weight, clip_low, clip_high, bound=None)
     return (-adv_mean * ratio).expand_as(rho), rho != rho_clamped
 
 
+def vespo_weight(rho, adv, valid, weight, k_pos, lambda_pos, k_neg, lambda_neg, bound):
+    """VESPO (TRL ``loss_type="vespo"``): the gamma weight phi_i = exp(lambda + k log W_i - lambda W_i)
+    of the sequence weight W_i = exp(clamp(sum_t m clamp(rho, +-bound), log 1e-8, 20)) (a sum, not a
+    mean), k, lambda = (k_pos, lambda_pos) where A >= 0 else (k_neg, lambda_neg), lambda >= 1e-4;
+    phi(1) = 1; a non-finite phi is 0 (TRL's nan_to_num). No gradient."""
+    log_w = masked(clamp_log(rho, bound), valid, weight).sum(-1, keepdim=True).clamp(VESPO_LOG_MIN, VESPO_LOG_MAX)
+    nonneg = adv >= 0
+    k = torch.where(nonneg, adv.new_tensor(k_pos), adv.new_tensor(k_neg))
+    lam = torch.where(nonneg, adv.new_tensor(lambda_pos), adv.new_tensor(lambda_neg)).clamp(min=VESPO_LAMBDA_MIN)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+    return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).detach()
+
+
+def vespo_surrogate(x, phi, adv):
+    """VESPO: l = -phi A x (phi without gradient: :func:`vespo_weight`)."""
+    return -phi * adv * x
+
+
+def off_policy_mask(x, sampling, adv, valid, weight, threshold):
+    """DeepSeek-V3.2's off-policy sequence mask (TRL ``off_policy_mask_threshold``): a token is kept
+    where A >= 0 or its row's mean sg(mu - x) <= threshold (mu: the sampler's log-probs, else the
+    old ones). No gradient."""
+    kl = sequence_mean(sampling - x.detach(), valid, weight)
+    return ((adv >= 0) | (kl <= threshold)).to(x.dtype)
+
+
+def entropy_mask(entropy, valid, threshold):
+    """TRL's top-entropy-quantile token mask: valid tokens with H >= threshold (no gradient)."""
+    return ((entropy.detach() >= threshold) & valid).to(entropy.dtype)
+
+
 def reinforce_surrogate(w, adv):
     """REINFORCE with importance weight: l = -w A (on-policy the gradient is exp(rho) A dx)."""
     return -w * adv
@@ -262,13 +298,19 @@ def per_token_policy_loss(
     seq_clip_low=None,
     seq_clip_high=None,
     log_ratio_clamp=20.0,
+    vespo_k_pos=2.0,
+    vespo_lambda_pos=3.0,
+    vespo_k_neg=3.0,
+    vespo_lambda_neg=2.0,
+    off_policy_mask_threshold=None,
+    entropy_mask_threshold=None,
     add_kl=True,
     add_entropy=True,
 ):
     """Per-token loss l [B, T] (TRL's order) and the per-token pieces, before aggregation.
 
     1. ratio w (and its clipped version) at ``ratio`` level from rho = x - o;
-    2. surrogate l;
+    2. surrogate l; l *= the off-policy sequence mask and the entropy mask (when set);
     3. l *= rollout correction weight (sequence geometric mean of it for geo_mean, as verl);
     4. l += beta * KL (KL *= w when ``use_bias_correction_kl``, TRL), when ``add_kl``;
     5. l -= entropy_coef * H, when ``add_entropy``.
@@ -318,6 +360,12 @@ def per_token_policy_loss(
             loss = reinforce_surrogate(w, adv)
         elif surrogate == "gpg":
             loss = gpg_surrogate(x, adv)
+        elif surrogate == "vespo":
+            if ratio != "token":
+                raise ValueError(f"surrogate='vespo' defines its own sequence weight: ratio must be 'token', got {ratio!r}")
+            phi = vespo_weight(rho, adv, valid, weight, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
+                               log_ratio_clamp)
+            loss = vespo_surrogate(x, phi, adv)
         else:
             raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
         if surrogate in ("clip", "cispo"):
@@ -325,7 +373,18 @@ def per_token_policy_loss(
             pieces["clipped_high"] = (w_clipped < w) & (adv > 0)
     pieces["w"] = w
 
+    if off_policy_mask_threshold is not None:
+        sampling = o if rollout_logp is None else clean(rollout_logp)
+        loss = loss * off_policy_mask(x, sampling, adv, valid, weight, off_policy_mask_threshold)
+    if entropy_mask_threshold is not None:
+        if h is None:
+            raise ValueError("entropy_mask_threshold needs entropy")
+        loss = loss * entropy_mask(h, valid, entropy_mask_threshold)
+
     if rollout_correction is not None:
+        if surrogate == "vespo":
+            raise ValueError("surrogate='vespo' takes no rollout_correction (TRL folds the sampler's weights into "
+                             "its sequence weight; not supported)")
         if rollout_logp is None:
             raise ValueError(f"rollout_correction={rollout_correction!r} needs rollout_logp")
         q = rollout_weight(o, clean(rollout_logp), valid, weight, rollout_correction, rollout_cap, rollout_cap_low,
