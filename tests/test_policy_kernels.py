@@ -346,7 +346,7 @@ def test_bitwise_deterministic_under_thread_counts():
 def test_opcheck():
     d = make_inputs(3, 5, torch.float64, seed=1, per_token_adv=True)
     p = PolicyParams(ratio="sequence", beta=0.1, entropy_coef=0.01)
-    flags, values = op.option_lists(p)
+    flags, values = op.option_lists(op.kernel_options(p))
     x = d["logp"].clone().requires_grad_()
     h = d["entropy"].clone().requires_grad_()
     stats_args = (x.detach(), d["old_logp"], d["advantages"], d["mask"], d["rollout_logp"], h.detach(), None, flags,

@@ -234,11 +234,11 @@ def test_low_precision_against_cpu(dtype):
     dict(ratio="token"),
 ], ids=["hybrid", "geo_mean", "sequence-token", "token"])
 def test_ops_match_cpu(case):
-    """fusedrl::policy_stats (all 7 statistics, -inf row max of an empty row included) and
+    """fusedrl::policy_stats (all 9 statistics, -inf row max of an empty row included) and
     fusedrl::policy_objective (all 9 per-row outputs, both gradients) of the two backends."""
     d = make_inputs(4, 6, torch.float64, seed=31, per_token_adv=True)
     p = PolicyParams(**dict(dict(beta=0.1, entropy_coef=0.01), **case))
-    flags, values = op.option_lists(p)
+    flags, values = op.option_lists(op.kernel_options(p))
     balanced = p.aggregation == "balanced"
     stats = {}
     for be in ("cpu", "triton"):
@@ -283,10 +283,9 @@ def test_only_code_paths_are_constexpr():
         fn = getattr(kernel, "fn", kernel)
         params = inspect.signature(fn).parameters
         constexpr = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
-        allowed = {"SURROGATE", "RATIO", "KL", "ROLLOUT", "HYBRID_ENTROPY", "STATS_ADV", "PACKED", "BLOCK", "OFF_MASK",
-                   "ENTROPY_MASK"}
+        allowed = {"SURROGATE", "RATIO", "KL", "ROLLOUT", "HYBRID_ENTROPY", "STATS_ADV", "PACKED", "BLOCK"}
         assert constexpr <= allowed | {n for n in constexpr if n.startswith("HAS_")}, constexpr
         for name in ("lo", "hi", "clamp", "cap", "beta", "tau_pos", "has_clamp", "clip_below", "T", "vespo_k_pos",
-                     "off_threshold", "entropy_threshold"):
+                     "off_policy_threshold", "entropy_threshold"):
             if name in params:
                 assert name not in constexpr, name

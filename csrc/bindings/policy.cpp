@@ -1,8 +1,9 @@
 // Bindings of the fused policy objective (csrc/cpu/policy.cpp, csrc/cuda/policy.cu). Operands come
-// as (pointer, dtype code, row stride, token stride) tuples and the options as two flat lists, in
-// the order python/fusedrl/ops/policy.py packs them (policy_option_lists).
+// as (pointer, dtype code, row stride, token stride) tuples and the options as two flat lists in the
+// order of the option macros of fusedrl/policy.h (policy_option_names tells Python that order).
 #include <pybind11/stl.h>
 
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -25,48 +26,21 @@ View view(const ViewTuple& t) {
   return v;
 }
 
+// The Options from the two lists, read in the order of the option macros of fusedrl/policy.h
+// (python/fusedrl/ops/policy.py packs them by name in the order policy_option_names reports).
 policy::Options options(const std::vector<int64_t>& f, const std::vector<double>& d) {
-  if (f.size() != 15 || d.size() != 24) throw std::invalid_argument("policy options: wrong list lengths");
   policy::Options o;
-  o.surrogate = int(f[0]);
-  o.ratio = int(f[1]);
-  o.kl = int(f[2]);
-  o.rollout = int(f[3]);
-  o.kl_straight = f[4] != 0;
-  o.bias_kl = f[5] != 0;
-  o.clip_below = f[6] != 0;
-  o.hybrid_entropy = f[7] != 0;
-  o.has_dual = f[8] != 0;
-  o.has_delta = f[9] != 0;
-  o.has_cap = f[10] != 0;
-  o.has_cap_low = f[11] != 0;
-  o.has_clamp = f[12] != 0;
-  o.has_off_policy_mask = f[13] != 0;
-  o.has_entropy_mask = f[14] != 0;
-  o.lo = d[0];
-  o.hi = d[1];
-  o.seq_lo = d[2];
-  o.seq_hi = d[3];
-  o.log_lo = d[4];
-  o.log_hi = d[5];
-  o.geo_lo = d[6];
-  o.geo_hi = d[7];
-  o.dual = d[8];
-  o.delta = d[9];
-  o.beta = d[10];
-  o.entropy_coef = d[11];
-  o.cap = d[12];
-  o.cap_low = d[13];
-  o.clamp = d[14];
-  o.tau_pos = d[15];
-  o.tau_neg = d[16];
-  o.alpha = d[17];
-  o.vespo_k_pos = d[18];
-  o.vespo_lambda_pos = d[19];
-  o.vespo_k_neg = d[20];
-  o.vespo_lambda_neg = d[21];
-  o.off_policy_threshold = d[22];
-  o.entropy_threshold = d[23];
+  size_t i = 0, j = 0;
+#define FUSEDRL_READ_INT(type, name, init) o.name = i < f.size() ? type(f[i]) : o.name, ++i;
+#define FUSEDRL_READ_FLOAT(type, name, init) o.name = j < d.size() ? d[j] : o.name, ++j;
+  FUSEDRL_POLICY_INT_OPTIONS(FUSEDRL_READ_INT)
+  FUSEDRL_POLICY_FLOAT_OPTIONS(FUSEDRL_READ_FLOAT)
+#undef FUSEDRL_READ_INT
+#undef FUSEDRL_READ_FLOAT
+  if (i != f.size() || j != d.size()) {
+    throw std::invalid_argument("policy options: expected " + std::to_string(i) + " integer and " + std::to_string(j) +
+                                " float values, got " + std::to_string(f.size()) + " and " + std::to_string(d.size()));
+  }
   o.resolve();
   return o;
 }
@@ -99,6 +73,16 @@ PolicyArgs make_args(const Views& v, uintptr_t cu_seqlens, int64_t B, int64_t T,
 }  // namespace
 
 void policy(py::module_& m) {
+  m.def("policy_option_names", [] {
+    std::vector<std::string> ints, floats;
+#define FUSEDRL_NAME_INT(type, name, init) ints.push_back(#name);
+#define FUSEDRL_NAME_FLOAT(type, name, init) floats.push_back(#name);
+    FUSEDRL_POLICY_INT_OPTIONS(FUSEDRL_NAME_INT)
+    FUSEDRL_POLICY_FLOAT_OPTIONS(FUSEDRL_NAME_FLOAT)
+#undef FUSEDRL_NAME_INT
+#undef FUSEDRL_NAME_FLOAT
+    return std::make_pair(ints, floats);
+  });
   m.def(
       "policy_stats_cpu",
       [](const Views& v, uintptr_t cu, int64_t B, int64_t T, const std::vector<int64_t>& flags,

@@ -309,7 +309,7 @@ FUSEDRL_HD void ratio_stage(const Options& opt, const Row<A>& row, int64_t n, Ti
       const A slo = A(o.seq_lo), shi = A(o.seq_hi);
       const A sc = clip_ratio(row.s, slo, shi, below), spc = clip_ratio_pass(row.s, slo, shi, below);
       const bool ent = o.hybrid_entropy;
-      const A alpha = A(o.alpha), hmax = row.h_max;
+      const A alpha = A(o.hybrid_alpha), hmax = row.h_max;
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
         const A a = ent ? (hmax > A(0) ? T.h[j] / hmax : A(0)) : alpha;

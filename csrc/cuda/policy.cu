@@ -455,7 +455,7 @@ FUSEDRL_HD void loss_token(const Options& o, const RowCtx<A>& rc, const Tok<A>& 
       const A slo = A(o.seq_lo), shi = A(o.seq_hi);
       const A sc = clip_ratio(row.s, slo, shi, below), spc = clip_ratio_pass(row.s, slo, shi, below);
       const A hmax = row.h_max;
-      const A al = o.hybrid_entropy ? (hmax > A(0) ? k.h / hmax : A(0)) : A(o.alpha);
+      const A al = o.hybrid_entropy ? (hmax > A(0) ? k.h / hmax : A(0)) : A(o.hybrid_alpha);
       const A wt = exp_any(clamp_log(rho, o));
       const A pt = wt * clamp_log_pass(rho, o);
       w = al * wt + (A(1) - al) * row.s;

@@ -66,24 +66,59 @@ constexpr double kVespoLogMin = -18.420680743952367;
 constexpr double kVespoLogMax = 20.0;
 constexpr double kVespoLambdaMin = 1e-4;
 
-// Every non-tensor option, resolved (absent optional values have their has_ flag false).
+// Every non-tensor option, by name: the one list of them. The struct's members, the binding's
+// reading (csrc/bindings/policy.cpp) and the name lists it reports to Python come from these two
+// macros; python/fusedrl/ops/policy.py packs the values in this order by name and
+// tests/test_policy_options.py fails when the Python, C++ and Triton names disagree. Integer options
+// (codes and switches) come as int64, the others as double; absent optional values have their has_
+// flag false.
+#define FUSEDRL_POLICY_INT_OPTIONS(X)                                                                  \
+  X(int, surrogate, kClip)          /* Surrogate code */                                             \
+  X(int, ratio, kToken)             /* Ratio code */                                                 \
+  X(int, kl, kK3)                   /* Kl code (the base kind of a "+" kind) */                      \
+  X(int, rollout, kNoRollout)       /* Rollout code */                                               \
+  X(bool, kl_straight, false)       /* the "+" kinds: value of kl, gradient of k2 */                 \
+  X(bool, bias_kl, false)           /* kl *= w (TRL use_bias_correction_kl) */                       \
+  X(bool, clip_below, true)         /* false for cispo_bounds="upper" */                             \
+  X(bool, hybrid_entropy, false)    /* hybrid_mixing="entropy" */                                    \
+  X(bool, has_dual, false)                                                                           \
+  X(bool, has_delta, false)                                                                          \
+  X(bool, has_cap, false)                                                                            \
+  X(bool, has_cap_low, false)                                                                        \
+  X(bool, has_clamp, true)                                                                           \
+  X(bool, has_off_policy_mask, false)                                                                \
+  X(bool, has_entropy_mask, false)
+#define FUSEDRL_POLICY_FLOAT_OPTIONS(X)                                                                \
+  X(double, lo, 0.8)                /* 1 - clip_low */                                               \
+  X(double, hi, 1.2)                /* 1 + clip_high */                                              \
+  X(double, seq_lo, 0.8)            /* hybrid's sequence branch */                                   \
+  X(double, seq_hi, 1.2)                                                                             \
+  X(double, log_lo, 0.0)            /* cumulative: log(1 - clip_low) */                              \
+  X(double, log_hi, 0.0)            /* cumulative: log(1 + clip_high) */                             \
+  X(double, geo_lo, 0.2)            /* geo_mean: clip of rho to [-clip_low, clip_high] */            \
+  X(double, geo_hi, 0.2)                                                                             \
+  X(double, dual, 3.0)                                                                               \
+  X(double, delta, 0.0)                                                                              \
+  X(double, beta, 0.0)                                                                               \
+  X(double, entropy_coef, 0.0)                                                                       \
+  X(double, cap, 3.0)                                                                                \
+  X(double, cap_low, 0.0)                                                                            \
+  X(double, clamp, 20.0)                                                                             \
+  X(double, tau_pos, 1.0)                                                                            \
+  X(double, tau_neg, 1.05)                                                                           \
+  X(double, hybrid_alpha, 0.5)                                                                       \
+  X(double, vespo_k_pos, 2.0)                                                                        \
+  X(double, vespo_lambda_pos, 3.0)                                                                   \
+  X(double, vespo_k_neg, 3.0)                                                                        \
+  X(double, vespo_lambda_neg, 2.0)                                                                   \
+  X(double, off_policy_threshold, 0.0)                                                               \
+  X(double, entropy_threshold, 0.0)
+
 struct Options {
-  int surrogate = kClip, ratio = kToken, kl = kK3, rollout = kNoRollout;
-  bool kl_straight = false;     // the "+" kinds: value of kl, gradient of k2
-  bool bias_kl = false;         // kl *= w (TRL use_bias_correction_kl)
-  bool clip_below = true;       // false for cispo_bounds="upper"
-  bool hybrid_entropy = false;  // hybrid_mixing="entropy"
-  bool has_dual = false, has_delta = false, has_cap = false, has_cap_low = false, has_clamp = true;
-  bool has_off_policy_mask = false, has_entropy_mask = false;
-  double lo = 0.8, hi = 1.2;          // 1 - clip_low, 1 + clip_high
-  double seq_lo = 0.8, seq_hi = 1.2;  // hybrid's sequence branch
-  double log_lo = 0.0, log_hi = 0.0;  // cumulative: log(1 - clip_low), log(1 + clip_high)
-  double geo_lo = 0.2, geo_hi = 0.2;  // geo_mean: clip of rho to [-clip_low, clip_high]
-  double dual = 3.0, delta = 0.0, beta = 0.0, entropy_coef = 0.0;
-  double cap = 3.0, cap_low = 0.0, clamp = 20.0;
-  double tau_pos = 1.0, tau_neg = 1.05, alpha = 0.5;
-  double vespo_k_pos = 2.0, vespo_lambda_pos = 3.0, vespo_k_neg = 3.0, vespo_lambda_neg = 2.0;
-  double off_policy_threshold = 0.0, entropy_threshold = 0.0;
+#define FUSEDRL_OPTION_MEMBER(type, name, init) type name = init;
+  FUSEDRL_POLICY_INT_OPTIONS(FUSEDRL_OPTION_MEMBER)
+  FUSEDRL_POLICY_FLOAT_OPTIONS(FUSEDRL_OPTION_MEMBER)
+#undef FUSEDRL_OPTION_MEMBER
 
   // Absent bounds as infinities (dual clip, delta, caps, the log-ratio clamp), so the per-token
   // math has no option tests; call once after filling the fields.

@@ -51,9 +51,10 @@ dL/dc is written to a second scratch row, and a reverse loop over the blocks for
 ``tl.cumsum(dc, reverse=True)`` plus a carried suffix (float64) and adds ``m_t suffix_t``. The
 scratch rows are laid out like the operands (``i * T + t`` padded, ``start_i + t`` packed).
 
-Runtime vs compile time. T, the strides, every hyperparameter (the float64 ``values`` of
-:func:`fusedrl.ops.policy.option_lists`, converted to the accumulation type in the kernel as
-``A(o.x)`` in C++) and the presence-of-a-value flags (has_dual, has_delta, has_cap, has_cap_low,
+Runtime vs compile time. T, the strides, every hyperparameter (the named options of
+:func:`fusedrl.ops.policy.kernel_options`, passed by name: a runtime parameter has the option's
+name, a constexpr its upper-cased name (:func:`_option_args`); float values are converted to the
+accumulation type in the kernel as ``A(o.x)`` in C++) and the presence-of-a-value flags (has_dual, has_delta, has_cap, has_cap_low,
 has_clamp) and the kl_straight / bias_kl / clip_below switches are runtime arguments. Only BLOCK,
 the option codes that select a code path (surrogate, ratio level, KL kind, rollout mode, hybrid
 mixing, the off-policy and entropy masks: their thresholds are runtime values) and the presence of
@@ -61,6 +62,9 @@ each operand are ``tl.constexpr``.
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 import torch
 import triton
@@ -196,15 +200,15 @@ def _vespo_phi(adv, log_w, w, k_pos, lambda_pos, k_neg, lambda_neg):
 
 
 @triton.jit
-def _token_keep(adv, h, row_off_kl, off_threshold, entropy_threshold, OFF_MASK: tl.constexpr,
-                ENTROPY_MASK: tl.constexpr):
+def _token_keep(adv, h, row_off_kl, off_threshold, entropy_threshold, HAS_OFF_POLICY_MASK: tl.constexpr,
+                HAS_ENTROPY_MASK: tl.constexpr):
     """token_keep: the off-policy sequence mask (A >= 0 or the row's mean sg(mu - x) <= threshold)
     times the entropy mask (H >= threshold); 1 without masks."""
     keep = tl.zeros(adv.shape, adv.dtype) + 1.0
-    if OFF_MASK:
+    if HAS_OFF_POLICY_MASK:
         low_kl = tl.where(row_off_kl <= off_threshold, 1.0, 0.0)  # the row's (a scalar)
         keep = tl.where(adv >= 0.0, keep, keep * low_kl)
-    if ENTROPY_MASK:
+    if HAS_ENTROPY_MASK:
         keep = tl.where(h >= entropy_threshold, keep, 0.0)
     return keep
 
@@ -358,7 +362,7 @@ def _stats_kernel(
     geo_lo: tl.float64, geo_hi: tl.float64, cap: tl.float64, cap_low: tl.float64, clamp: tl.float64,
     SURROGATE: tl.constexpr, RATIO: tl.constexpr, ROLLOUT: tl.constexpr, HYBRID_ENTROPY: tl.constexpr,
     STATS_ADV: tl.constexpr, HAS_OLD: tl.constexpr, HAS_MU: tl.constexpr, HAS_H: tl.constexpr,
-    OFF_MASK: tl.constexpr, PACKED: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_OFF_POLICY_MASK: tl.constexpr, PACKED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
     ACC: tl.constexpr = tl.float64 if logp_ptr.dtype.element_ty == tl.float64 else tl.float32
@@ -368,9 +372,9 @@ def _stats_kernel(
     NEED_ADV: tl.constexpr = GEO or STATS_ADV
     SEQ_ROLL: tl.constexpr = (ROLLOUT == SEQUENCE_TRUNCATE) or (ROLLOUT == SEQUENCE_MASK)
     TOK_ROLL_GEO: tl.constexpr = GEO and (ROLLOUT != NO_ROLLOUT) and not SEQ_ROLL
-    NEED_X: tl.constexpr = NEED_RHO or GEO or IS_VESPO or OFF_MASK
+    NEED_X: tl.constexpr = NEED_RHO or GEO or IS_VESPO or HAS_OFF_POLICY_MASK
     NEED_O: tl.constexpr = NEED_X or SEQ_ROLL or TOK_ROLL_GEO
-    NEED_MU: tl.constexpr = (SEQ_ROLL or TOK_ROLL_GEO or OFF_MASK) and HAS_MU
+    NEED_MU: tl.constexpr = (SEQ_ROLL or TOK_ROLL_GEO or HAS_OFF_POLICY_MASK) and HAS_MU
     NEED_H: tl.constexpr = (RATIO == HYBRID) and HYBRID_ENTROPY
     geo_lo_a = tl.full((), geo_lo, ACC)
     geo_hi_a = tl.full((), geo_hi, ACC)
@@ -404,7 +408,7 @@ def _stats_kernel(
                 srho += tl.sum((m * (x - o)).to(tl.float64), axis=0)
             if IS_VESPO:
                 svespo += tl.sum((m * _clamp_log(x - o, has_clamp, clamp_a)).to(tl.float64), axis=0)
-            if OFF_MASK and not HAS_MU:
+            if HAS_OFF_POLICY_MASK and not HAS_MU:
                 soff += tl.sum((m * (o - x)).to(tl.float64), axis=0)
         if NEED_ADV:
             adv = _load(adv_ptr, i, s_a_row, s_a_tok, pos, inb, ok, ACC)
@@ -420,7 +424,7 @@ def _stats_kernel(
                 q = _rollout_weight(o - mu, has_cap, cap_a, has_cap_low, cap_low_a, has_clamp, clamp_a, ROLLOUT)
                 lq = m * tl.log(q + GEO_MEAN_LOG_EPS)
                 slogq += tl.sum(tl.where(inb, lq, 0.0).to(tl.float64), axis=0)
-            if OFF_MASK:  # the sampler's log-probs
+            if HAS_OFF_POLICY_MASK:  # the sampler's log-probs
                 soff += tl.sum((m * (mu - x)).to(tl.float64), axis=0)
         if NEED_H and HAS_H:
             h = _load(h_ptr, i, s_h_row, s_h_tok, pos, inb, ok, ACC)
@@ -616,11 +620,11 @@ def _loss_kernel(
     beta: tl.float64, entropy_coef: tl.float64, cap: tl.float64, cap_low: tl.float64, clamp: tl.float64,
     tau_pos: tl.float64, tau_neg: tl.float64, hybrid_alpha: tl.float64,
     vespo_k_pos: tl.float64, vespo_lambda_pos: tl.float64, vespo_k_neg: tl.float64, vespo_lambda_neg: tl.float64,
-    off_threshold: tl.float64, entropy_threshold: tl.float64,
+    off_policy_threshold: tl.float64, entropy_threshold: tl.float64,
     SURROGATE: tl.constexpr, RATIO: tl.constexpr, KL: tl.constexpr, ROLLOUT: tl.constexpr,
     HYBRID_ENTROPY: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_MU: tl.constexpr,
     HAS_H: tl.constexpr, HAS_STATS: tl.constexpr, HAS_GX: tl.constexpr, HAS_GH: tl.constexpr,
-    OFF_MASK: tl.constexpr, ENTROPY_MASK: tl.constexpr, PACKED: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_OFF_POLICY_MASK: tl.constexpr, HAS_ENTROPY_MASK: tl.constexpr, PACKED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
     ACC: tl.constexpr = tl.float64 if logp_ptr.dtype.element_ty == tl.float64 else tl.float32
@@ -647,7 +651,7 @@ def _loss_kernel(
     lambda_pos_a = tl.full((), vespo_lambda_pos, ACC)
     k_neg_a = tl.full((), vespo_k_neg, ACC)
     lambda_neg_a = tl.full((), vespo_lambda_neg, ACC)
-    off_threshold_a = tl.full((), off_threshold, ACC)
+    off_threshold_a = tl.full((), off_policy_threshold, ACC)
     entropy_threshold_a = tl.full((), entropy_threshold, ACC)
     start, length = _row_span(cu_ptr, i, T, PACKED)
     # the row quantities (defaults when pass 1 did not run)
@@ -713,7 +717,7 @@ def _loss_kernel(
             mu = tl.zeros((BLOCK,), ACC)
         q = _rollout_stage(o, mu, q_row, has_cap, cap_a, has_cap_low, cap_low_a, has_clamp, clamp_a,
                            SURROGATE, ROLLOUT, ACC)
-        keep = _token_keep(adv, h, off_kl, off_threshold_a, entropy_threshold_a, OFF_MASK, ENTROPY_MASK)
+        keep = _token_keep(adv, h, off_kl, off_threshold_a, entropy_threshold_a, HAS_OFF_POLICY_MASK, HAS_ENTROPY_MASK)
         if HAS_REF:
             r = _load(ref_ptr, i, s_r_row, s_r_tok, pos, inb, ok, ACC)
             kl, dkl_x, dkl_w = _kl_stage(x, r, w, kl_straight, bias_kl, KL)
@@ -792,6 +796,31 @@ def _loss_kernel(
 # host side
 
 
+# Option codes that select a code path: tl.constexpr parameters named as the option, upper-cased
+# (the other options are runtime parameters of the same name as in csrc/include/fusedrl/policy.h).
+CODE_OPTIONS = ("surrogate", "ratio", "kl", "rollout")
+SWITCH_OPTIONS = ("hybrid_entropy", "has_off_policy_mask", "has_entropy_mask")
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_parameters(kernel) -> tuple[str, ...]:
+    fn = getattr(kernel, "fn", kernel)
+    return tuple(inspect.signature(fn).parameters)
+
+
+def _option_args(kernel, options: dict) -> dict:
+    """The named options (:func:`fusedrl.ops.policy.named_options`) that ``kernel`` takes: a
+    runtime parameter of the option's name, or a constexpr of its upper-cased name."""
+    params = kernel_parameters(kernel)
+    args = {}
+    for name, value in options.items():
+        if name in params:
+            args[name] = value
+        elif name.upper() in params:
+            args[name.upper()] = int(value) if name in CODE_OPTIONS else bool(value)
+    return args
+
+
 def _block(T: int) -> int:
     return min(BLOCK_T, max(16, triton.next_power_of_2(max(int(T), 1))))
 
@@ -815,7 +844,6 @@ def _cu(o, dummy):
 
 def policy_stats(o) -> None:
     """Pass 1: fills ``o.stats`` [B, 9] (float64) as csrc/cpu/policy.cpp ``stats_rows``."""
-    flags, v = o.flags, o.values
     dummy = o.stats
     x, sxr, sxt, _ = _operand(o, "logp", dummy)
     old, sor, sot, has_old = _operand(o, "old_logp", dummy)
@@ -827,11 +855,8 @@ def policy_stats(o) -> None:
     _stats_kernel[(o.B,)](
         x, old, adv, mask, mu, h, cu, o.stats,
         o.T, sxr, sxt, sor, sot, sar, sat, smr, smt, sur, sut, shr, sht,
-        flags[10], flags[11], flags[12],
-        v[6], v[7], v[12], v[13], v[14],
-        SURROGATE=flags[0], RATIO=flags[1], ROLLOUT=flags[3], HYBRID_ENTROPY=bool(flags[7]),
-        STATS_ADV=bool(o.stats_adv), HAS_OLD=has_old, HAS_MU=has_mu, HAS_H=has_h, OFF_MASK=bool(flags[13]),
-        PACKED=packed,
+        **_option_args(_stats_kernel, o.options),
+        STATS_ADV=bool(o.stats_adv), HAS_OLD=has_old, HAS_MU=has_mu, HAS_H=has_h, PACKED=packed,
         BLOCK=_block(o.T),
     )
 
@@ -839,7 +864,6 @@ def policy_stats(o) -> None:
 def policy_loss(o) -> None:
     """Pass 2: fills ``o.rows`` [B, 9] (float64) and the gradients ``grad_logp`` / ``grad_entropy``
     (when present) as csrc/cpu/policy.cpp ``loss_rows``."""
-    flags, v = o.flags, o.values
     dummy = o.rows
     x, sxr, sxt, _ = _operand(o, "logp", dummy)
     old, sor, sot, has_old = _operand(o, "old_logp", dummy)
@@ -851,7 +875,8 @@ def policy_loss(o) -> None:
     gx, sgxr, sgxt, has_gx = _operand(o, "grad_logp", dummy)
     gh, sghr, sght, has_gh = _operand(o, "grad_entropy", dummy)
     cu, packed = _cu(o, dummy)
-    ratio = flags[1]
+    options = o.options
+    ratio = options["ratio"]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     scr_g = scr_c = dummy
     scr_row = 0 if packed else o.T
@@ -865,10 +890,7 @@ def policy_loss(o) -> None:
         cu, o.stats if o.stats is not None else dummy, o.coef, o.rows, scr_g, scr_c,
         o.T, scr_row,
         sxr, sxt, sor, sot, sar, sat, smr, smt, srr, srt, sur, sut, shr, sht, sgxr, sgxt, sghr, sght,
-        flags[4], flags[5], flags[6], flags[8], flags[9], flags[10], flags[11], flags[12],
-        *v,
-        SURROGATE=flags[0], RATIO=ratio, KL=flags[2], ROLLOUT=flags[3], HYBRID_ENTROPY=bool(flags[7]),
+        **_option_args(_loss_kernel, options),
         HAS_OLD=has_old, HAS_REF=has_ref, HAS_MU=has_mu, HAS_H=has_h, HAS_STATS=o.stats is not None,
-        HAS_GX=has_gx, HAS_GH=has_gh, OFF_MASK=bool(flags[13]), ENTROPY_MASK=bool(flags[14]), PACKED=packed,
-        BLOCK=_block(o.T),
+        HAS_GX=has_gx, HAS_GH=has_gh, PACKED=packed, BLOCK=_block(o.T),
     )

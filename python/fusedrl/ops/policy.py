@@ -38,37 +38,67 @@ OUT = {"loss": 0, "count": 1, "clip_low": 2, "clip_high": 3, "clip_dual": 4, "ra
        "rollout": 8}
 
 
-def option_lists(p, entropy_mask_threshold: float | None = None) -> tuple[list[int], list[float]]:
+# The kernel's Options by name (csrc/include/fusedrl/policy.h FUSEDRL_POLICY_INT_OPTIONS /
+# FUSEDRL_POLICY_FLOAT_OPTIONS: the same names in the same order; the binding reports its order as
+# policy_option_names and tests/test_policy_options.py checks both, and the Triton kernels'
+# parameter names, against these).
+INT_OPTIONS = ("surrogate", "ratio", "kl", "rollout", "kl_straight", "bias_kl", "clip_below", "hybrid_entropy",
+               "has_dual", "has_delta", "has_cap", "has_cap_low", "has_clamp", "has_off_policy_mask",
+               "has_entropy_mask")
+FLOAT_OPTIONS = ("lo", "hi", "seq_lo", "seq_hi", "log_lo", "log_hi", "geo_lo", "geo_hi", "dual", "delta", "beta",
+                 "entropy_coef", "cap", "cap_low", "clamp", "tau_pos", "tau_neg", "hybrid_alpha", "vespo_k_pos",
+                 "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "off_policy_threshold", "entropy_threshold")
+
+
+def kernel_options(p, entropy_mask_threshold: float | None = None) -> dict:
     """The kernel's Options (csrc/include/fusedrl/policy.h) from a resolved PolicyParams and the
-    call's entropy-mask threshold (None: no mask), as the binding's two flat lists (integers, floats)."""
-    flags, values = _param_lists(p)
+    call's entropy-mask threshold (None: no mask), by name: ints for the codes and switches, floats
+    for the values."""
+    options = dict(_param_options(p))
     has_emask = entropy_mask_threshold is not None
-    return flags + [int(has_emask)], values + [float(entropy_mask_threshold) if has_emask else 0.0]
+    options.update(has_entropy_mask=int(has_emask), entropy_threshold=float(entropy_mask_threshold) if has_emask else 0.0)
+    return options
+
+
+def option_lists(options: dict) -> tuple[list[int], list[float]]:
+    """The binding's two flat lists (integers, floats) of named options, in the C++ order."""
+    return [int(options[n]) for n in INT_OPTIONS], [float(options[n]) for n in FLOAT_OPTIONS]
+
+
+def named_options(flags, values) -> dict:
+    """The inverse of :func:`option_lists`: the options by name (the Triton launchers pass them so)."""
+    return dict(zip(INT_OPTIONS, flags)) | dict(zip(FLOAT_OPTIONS, values))
 
 
 @functools.lru_cache(maxsize=256)
-def _param_lists(p) -> tuple[list[int], list[float]]:
+def _call_lists(p, entropy_mask_threshold):
+    return option_lists(kernel_options(p, entropy_mask_threshold))
+
+
+@functools.lru_cache(maxsize=256)
+def _param_options(p) -> tuple:
     seq_lo = p.clip_low if p.seq_clip_low is None else p.seq_clip_low
     seq_hi = p.clip_high if p.seq_clip_high is None else p.seq_clip_high
     base_kl = p.kl[:-1] if p.kl.endswith("+") else p.kl
     cumulative = p.ratio == "cumulative"
-    flags = [
-        SURROGATE_CODES[p.surrogate], RATIO_CODES[p.ratio], KL_CODES[base_kl], ROLLOUT_CODES[p.rollout_correction],
-        int(p.kl.endswith("+")), int(p.use_bias_correction_kl),
-        int(not (p.surrogate == "cispo" and p.cispo_bounds == "upper")), int(p.hybrid_mixing == "entropy"),
-        int(p.clip_ratio_c is not None), int(p.delta is not None), int(p.rollout_cap is not None),
-        int(p.rollout_cap_low is not None), int(p.log_ratio_clamp is not None),
-        int(p.off_policy_mask_threshold is not None),
-    ]
-    values = [
-        1.0 - p.clip_low, 1.0 + p.clip_high, 1.0 - seq_lo, 1.0 + seq_hi,
-        _log1p(-p.clip_low) if cumulative else 0.0, _log1p(p.clip_high) if cumulative else 0.0,
-        p.clip_low, p.clip_high, p.clip_ratio_c or 0.0, p.delta or 0.0, p.beta, p.entropy_coef,
-        p.rollout_cap or 0.0, p.rollout_cap_low or 0.0, p.log_ratio_clamp or 0.0, p.tau_pos, p.tau_neg,
-        p.hybrid_alpha, p.vespo_k_pos, p.vespo_lambda_pos, p.vespo_k_neg, p.vespo_lambda_neg,
-        p.off_policy_mask_threshold or 0.0,
-    ]
-    return flags, [float(v) for v in values]
+    ints = dict(
+        surrogate=SURROGATE_CODES[p.surrogate], ratio=RATIO_CODES[p.ratio], kl=KL_CODES[base_kl],
+        rollout=ROLLOUT_CODES[p.rollout_correction], kl_straight=p.kl.endswith("+"),
+        bias_kl=p.use_bias_correction_kl, clip_below=not (p.surrogate == "cispo" and p.cispo_bounds == "upper"),
+        hybrid_entropy=p.hybrid_mixing == "entropy", has_dual=p.clip_ratio_c is not None,
+        has_delta=p.delta is not None, has_cap=p.rollout_cap is not None, has_cap_low=p.rollout_cap_low is not None,
+        has_clamp=p.log_ratio_clamp is not None, has_off_policy_mask=p.off_policy_mask_threshold is not None,
+    )
+    floats = dict(
+        lo=1.0 - p.clip_low, hi=1.0 + p.clip_high, seq_lo=1.0 - seq_lo, seq_hi=1.0 + seq_hi,
+        log_lo=_log1p(-p.clip_low) if cumulative else 0.0, log_hi=_log1p(p.clip_high) if cumulative else 0.0,
+        geo_lo=p.clip_low, geo_hi=p.clip_high, dual=p.clip_ratio_c or 0.0, delta=p.delta or 0.0, beta=p.beta,
+        entropy_coef=p.entropy_coef, cap=p.rollout_cap or 0.0, cap_low=p.rollout_cap_low or 0.0,
+        clamp=p.log_ratio_clamp or 0.0, tau_pos=p.tau_pos, tau_neg=p.tau_neg, hybrid_alpha=p.hybrid_alpha,
+        vespo_k_pos=p.vespo_k_pos, vespo_lambda_pos=p.vespo_lambda_pos, vespo_k_neg=p.vespo_k_neg,
+        vespo_lambda_neg=p.vespo_lambda_neg, off_policy_threshold=p.off_policy_mask_threshold or 0.0,
+    )
+    return tuple({k: int(v) for k, v in ints.items()}.items()) + tuple({k: float(v) for k, v in floats.items()}.items())
 
 
 def _log1p(x: float) -> float:
@@ -107,6 +137,11 @@ class Operands:
     stats_adv: bool = False
     coef: Tensor | None = None
     rows: Tensor | None = None
+
+    @property
+    def options(self) -> dict:
+        """The options by name (csrc/include/fusedrl/policy.h Options)."""
+        return named_options(self.flags, self.values)
 
 
 NAMES = ("logp", "old_logp", "advantages", "mask", "ref_logp", "rollout_logp", "entropy", "grad_logp",
@@ -356,7 +391,7 @@ def fused_policy_loss(backend: str, logp, old_logp, advantages, mask, *, ref_log
     """:func:`fusedrl.reference.policy.policy_loss` computed by the ``backend`` kernel (inputs
     validated by :func:`fusedrl.policy_loss`). Returns ``(loss, metrics)``."""
     p = params
-    flags, values = option_lists(p, entropy_mask_threshold)
+    flags, values = _call_lists(p, entropy_mask_threshold)
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(torch.int64).contiguous()  # the kernels read int64 offsets
     # constants for the kernels (the policy_objective autograd returns no gradient for them)
