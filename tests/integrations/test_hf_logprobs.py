@@ -129,6 +129,45 @@ def test_logit_scaling_matches_trls_fused_head(attr, value):
     torch.testing.assert_close(ours.entropy, theirs.entropy, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_statistics_match_the_logits_and_trls_fused_head(chunk_size):
+    """mean_logits, is_top1, log_sum_sq_probs: the full float64 logits' values and TRL's head's
+    (logit scale and temperature folded in; chunks of 5 tokens split the scored tokens unevenly)."""
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    model = toy.model(seed=9, hidden_size=32)
+    model.config.logit_scale = 1.5
+    ids, am, labels = batch(B=4, L=11, seed=5)
+    with torch.no_grad():
+        top = model(input_ids=ids, attention_mask=am).logits[:, :-1].argmax(-1)
+    labels[1, 6:9] = top[1, 5:8]  # three scored labels that are the model's argmax
+    names = ("mean_logits", "is_top1", "log_sum_sq_probs")
+    trl_utils.add_fused_lm_head(model, temperature=0.8, outputs=("log_probs",) + names)
+    theirs = model(input_ids=ids, attention_mask=am, labels=labels, fused_lm_head=True)
+    add_fused_head(model, temperature=0.8, statistics=names, chunk_size=chunk_size)
+    ours = model(input_ids=ids, attention_mask=am, labels=labels, fused_lm_head=True)
+    valid = labels[:, 1:] != -100
+    z = model.base_model(input_ids=ids, attention_mask=am).last_hidden_state[:, :-1].double()
+    z = z @ model.lm_head.weight.double().t() * 1.5 / 0.8
+    lab = labels[:, 1:].clamp(min=0)
+    gold_stats = dict(mean_logits=z.mean(-1), is_top1=z.argmax(-1) == lab,
+                      log_sum_sq_probs=torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1))
+    for name in names:
+        got = getattr(ours, name)
+        assert got.shape == valid.shape and not got.requires_grad
+        assert not got[~valid].any()  # 0 / False where nothing is scored
+        if name == "is_top1":
+            assert torch.equal(got, gold_stats[name] & valid) and torch.equal(got, theirs.is_top1)
+        else:
+            torch.testing.assert_close(got.double()[valid], gold_stats[name][valid], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got, getattr(theirs, name), rtol=1e-5, atol=1e-5)
+    assert ours.is_top1.dtype == torch.bool and ours.is_top1[1, 5:8].all()
+    plain = toy.model(seed=9, hidden_size=32)
+    add_fused_head(plain)
+    assert plain(input_ids=ids, attention_mask=am, labels=labels, fused_lm_head=True).mean_logits is None
+    with pytest.raises(ValueError, match="statistics"):
+        add_fused_head(plain, statistics=("mean_logit",))
+
+
 def test_refusals_name_the_argument():
     model = toy.model(seed=7, hidden_size=32)
     ids, am, labels = batch()

@@ -5,7 +5,9 @@ hidden state and the LM head's weight, scoring only the positions whose next-tok
 ``ignore_index`` (prompt and padding tokens are skipped). :func:`add_fused_head` gives one model
 instance a ``model(..., labels=labels, fused_lm_head=True)`` forward that returns those log-probs
 (the interface of TRL 1.16's ``add_fused_lm_head``, which TRL's trainers call); the handle it
-returns restores the previous forward. Nothing is patched globally.
+returns restores the previous forward. Nothing is patched globally. Its ``statistics`` are the
+no-gradient per-token fields of TRL's fused head that trainers log or weight with (``mean_logits``,
+``is_top1``, ``log_sum_sq_probs``), computed from the same hidden states in chunks of tokens.
 
 Logit scaling follows the model config as TRL's fused head reads it: ``logit_scale`` (Cohere),
 ``output_multiplier``, ``lm_head_multiplier`` (Falcon-H1) multiply the logits, ``logits_scaling``
@@ -26,7 +28,13 @@ from transformers.utils import ModelOutput
 
 import fusedrl
 
-__all__ = ["token_logprobs", "add_fused_head", "FusedHead", "FusedHeadOutput", "logit_scale"]
+__all__ = ["token_logprobs", "add_fused_head", "FusedHead", "FusedHeadOutput", "logit_scale", "STATISTICS"]
+
+#: The no-gradient per-token statistics :func:`add_fused_head` can add to its output (TRL 1.16's
+#: ``FusedCausalLMOutput`` names): ``mean_logits`` (mean over the vocabulary of the scaled,
+#: temperature-divided logits), ``is_top1`` (the label is the first argmax), ``log_sum_sq_probs``
+#: (:math:`\log\sum_v p_v^2`, WPO's normalizer).
+STATISTICS = ("mean_logits", "is_top1", "log_sum_sq_probs")
 
 
 @dataclass
@@ -34,13 +42,18 @@ class FusedHeadOutput(ModelOutput):
     """What a ``fused_lm_head=True`` forward returns. ``log_probs`` / ``entropy``: ``[B, L - 1]``
     (position t scores the label at t + 1; ``[B, L]`` with pre-shifted ``shift_labels``), 0 where
     the label is ``-100``; ``label_mask``: where it is not; ``loss``: the mean negative log-prob of
-    the scored tokens (over ``num_items_in_batch`` when given)."""
+    the scored tokens (over ``num_items_in_batch`` when given); ``mean_logits``, ``is_top1``,
+    ``log_sum_sq_probs``: the requested :data:`STATISTICS` (same shape, 0 / False where the label is
+    ``-100``, no gradient), None otherwise."""
 
     loss: torch.Tensor | None = None
     log_probs: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
     label_mask: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
 
 
 def logit_scale(config) -> float:
@@ -99,10 +112,34 @@ def _check_text_model(model):
                          "fusedrl.integrations.transformers")
 
 
+@torch.no_grad()
+def _statistics(hidden, weight, bias, labels, *, scale, names, chunk_size):
+    """The :data:`STATISTICS` ``names`` of the N scored tokens (``hidden`` [N, H], ``labels`` [N]) under
+    z = (hidden @ weight.T + bias) * scale, computed in float32 over chunks of tokens (the [N, V]
+    logits are never held; one chunk's are)."""
+    from fusedrl.linear import default_chunk_size  # noqa: PLC0415
+
+    N, V = hidden.shape[0], weight.shape[0]
+    out = {name: torch.empty(N, dtype=torch.bool if name == "is_top1" else torch.float32, device=hidden.device)
+           for name in names}
+    chunk = chunk_size or default_chunk_size(N, V, hidden.dtype)
+    for start in range(0, N, chunk):
+        stop = min(start + chunk, N)
+        h = hidden[start:stop]
+        z = (h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())).float().mul_(scale)
+        if "mean_logits" in out:
+            out["mean_logits"][start:stop] = z.mean(-1)
+        if "is_top1" in out:  # argmax returns the first maximum: a tie with an earlier token is not top-1 (as TRL)
+            out["is_top1"][start:stop] = z.argmax(-1) == labels[start:stop]
+        if "log_sum_sq_probs" in out:  # log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z)
+            out["log_sum_sq_probs"][start:stop] = torch.logsumexp(2.0 * z, -1) - 2.0 * torch.logsumexp(z, -1)
+    return out
+
+
 def _score(model, hidden, labels, *, temperature, return_entropy, cast_lm_head_to_fp32, ignore_index, chunk_size,
-           backend):
+           backend, statistics=()):
     """linear_logprobs of the valid positions of ``hidden`` [B, L, H] / ``labels`` [B, L], scattered
-    back into zeros [B, L]."""
+    back into zeros [B, L]; also returns a dict of the requested :data:`STATISTICS`, scattered alike."""
     weight, bias = _head(model)
     hidden = hidden.to(weight.device)
     labels = labels.to(weight.device)
@@ -114,18 +151,23 @@ def _score(model, hidden, labels, *, temperature, return_entropy, cast_lm_head_t
     elif torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
     ctx = torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
+    effective_temperature = temperature / logit_scale(model.config)
     with ctx:
+        h, w, b, y = hidden[mask].to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), labels[mask]
         out = fusedrl.linear_logprobs(
-            hidden[mask].to(dtype), weight.to(dtype), labels[mask], bias=None if bias is None else bias.to(dtype),
-            temperature=temperature / logit_scale(model.config), ignore_index=ignore_index,
+            h, w, y, bias=b, temperature=effective_temperature, ignore_index=ignore_index,
             return_entropy=return_entropy, chunk_size=chunk_size, backend=backend,
         )
+        stats = {}
+        if statistics:
+            stats = _statistics(h, w, b, y, scale=1.0 / effective_temperature, names=statistics, chunk_size=chunk_size)
     logp, entropy = out if return_entropy else (out, None)
     # masked_scatter keeps the outputs connected to the graph when no label is valid.
     logp = logp.new_zeros(mask.shape).masked_scatter(mask, logp)
     if entropy is not None:
         entropy = entropy.new_zeros(mask.shape).masked_scatter(mask, entropy)
-    return logp, entropy, mask
+    stats = {name: x.new_zeros(mask.shape).masked_scatter(mask, x) for name, x in stats.items()}
+    return logp, entropy, mask, stats
 
 
 def _labels(input_ids, attention_mask, labels, ignore_index):
@@ -169,9 +211,9 @@ def token_logprobs(model, input_ids, attention_mask=None, labels=None, *, temper
     hf = _causal_lm(model)
     _check_text_model(hf)
     out = hf.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
-    logp, entropy, _ = _score(hf, out.last_hidden_state[:, :-1], labels[:, 1:], temperature=temperature,
-                              return_entropy=return_entropy, cast_lm_head_to_fp32=cast_lm_head_to_fp32,
-                              ignore_index=ignore_index, chunk_size=chunk_size, backend=backend)
+    logp, entropy, _, _ = _score(hf, out.last_hidden_state[:, :-1], labels[:, 1:], temperature=temperature,
+                                 return_entropy=return_entropy, cast_lm_head_to_fp32=cast_lm_head_to_fp32,
+                                 ignore_index=ignore_index, chunk_size=chunk_size, backend=backend)
     return (logp, entropy) if return_entropy else logp
 
 
@@ -196,12 +238,18 @@ class FusedHead:
 
 
 def add_fused_head(model, *, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
-                   return_entropy: bool = True, chunk_size: int | None = None, backend: str | None = None) -> FusedHead:
+                   return_entropy: bool = True, chunk_size: int | None = None, backend: str | None = None,
+                   statistics: tuple[str, ...] = ()) -> FusedHead:
     """Gives ``model`` (this instance only) a ``model(..., labels=labels, fused_lm_head=True)`` forward
     returning :class:`FusedHeadOutput` computed by fusedrl; without ``fused_lm_head`` the call goes
     to the forward it had before (generation is unchanged). The backbone and the head are looked
-    up on every call (PEFT and FSDP replace them after patching). Returns a :class:`FusedHead`
-    whose ``remove()`` undoes it."""
+    up on every call (PEFT and FSDP replace them after patching). ``statistics``: names among
+    :data:`STATISTICS` to add to the output (they cost one chunked GEMM pass over the scored tokens,
+    without gradient, shared by all of them). Returns a :class:`FusedHead` whose ``remove()``
+    undoes it."""
+    if isinstance(statistics, str) or not all(name in STATISTICS for name in statistics):
+        raise ValueError(f"statistics must be a tuple of names among {STATISTICS}, got {statistics!r}")
+    statistics = tuple(dict.fromkeys(statistics))
     _check_text_model(model)
     logit_scale(model.config)  # refuse soft-capping now, not at the first training step
     previous = model.__dict__.get("forward")
@@ -223,11 +271,12 @@ def add_fused_head(model, *, temperature: float = 1.0, cast_lm_head_to_fp32: boo
             hidden, scored = hidden[:, :-1], labels[:, 1:]
         else:
             scored = shift_labels
-        logp, entropy, mask = _score(self, hidden, scored, temperature=temperature, return_entropy=return_entropy,
-                                     cast_lm_head_to_fp32=cast_lm_head_to_fp32, ignore_index=-100,
-                                     chunk_size=chunk_size, backend=backend)
+        logp, entropy, mask, stats = _score(self, hidden, scored, temperature=temperature,
+                                            return_entropy=return_entropy, cast_lm_head_to_fp32=cast_lm_head_to_fp32,
+                                            ignore_index=-100, chunk_size=chunk_size, backend=backend,
+                                            statistics=statistics)
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        return FusedHeadOutput(loss=-logp.sum() / count, log_probs=logp, entropy=entropy, label_mask=mask)
+        return FusedHeadOutput(loss=-logp.sum() / count, log_probs=logp, entropy=entropy, label_mask=mask, **stats)
 
     bound = types.MethodType(forward, model)
     model.forward = bound

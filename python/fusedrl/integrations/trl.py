@@ -1,5 +1,7 @@
 """TRL 1.16 trainers whose log-probs and loss run on fusedrl: ``from fusedrl.integrations.trl import
-GRPOTrainer`` in place of ``from trl import GRPOTrainer`` is the whole change.
+GRPOTrainer`` in place of ``from trl import GRPOTrainer`` (or ``DPOTrainer`` for ``trl.DPOTrainer``)
+is the whole change. :class:`DPOTrainer` (fused log-probs of the chosen and rejected completions,
+:func:`fusedrl.preference_loss`) is documented in :mod:`fusedrl.integrations._trl_dpo`.
 
 :class:`GRPOTrainer` subclasses ``trl.GRPOTrainer`` and changes two things:
 
@@ -32,9 +34,10 @@ from trl.trainer.utils import nanmax, nanmin
 
 import fusedrl
 from fusedrl import presets
+from fusedrl.integrations._trl_dpo import DPOTrainer
 from fusedrl.integrations.transformers import _causal_lm, add_fused_head
 
-__all__ = ["GRPOTrainer", "UNSUPPORTED", "check_grpo_config"]
+__all__ = ["GRPOTrainer", "DPOTrainer", "UNSUPPORTED", "check_grpo_config"]
 
 # GRPOConfig options (trl 1.16) with a value this trainer refuses -> why.
 UNSUPPORTED = {
