@@ -201,7 +201,7 @@ def compute_value_loss(vpreds: torch.Tensor, returns: torch.Tensor, values: torc
         num_tokens=batch_num_tokens, num_sequences=global_batch_size, max_length=loss_scale_factor,
         exclude_empty_rows=True,
     )
-    return loss * dp, metrics["clipfrac"]
+    return loss * dp, metrics["clipfrac"].float()  # float32, as verl's (a mean of .float() flags)
 
 
 def value_loss(config, model_output, data, dp_group=None):
