@@ -27,6 +27,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 import fusedrl
 from fusedrl import _ext, dispatch
 from fusedrl.ops import logprobs as op_logprobs, policy as op_policy, scan as op_scan, segments as op_segments
+from fusedrl.ops import value as op_value
 
 GUARD_SOURCE = r"""
 #include <c10/core/impl/DeviceGuardImplInterface.h>
@@ -88,7 +89,7 @@ def fake_cuda(cuda_guard, monkeypatch):
 
     monkeypatch.setattr(FakeTensor, "data_ptr", data_ptr, raising=False)
     monkeypatch.setattr(torch.autograd, "grad", fake_grad)
-    for ops in (op_logprobs, op_policy, op_scan, op_segments):
+    for ops in (op_logprobs, op_policy, op_scan, op_segments, op_value):
         for value in vars(ops).values():
             if isinstance(value, torch._library.custom_ops.CustomOpDef):
                 monkeypatch.setattr(value, "_abstract_fn", value._init_fn)
@@ -352,6 +353,22 @@ def call_sequence_losses(dev, backend):
     return (seq.sum() + lst + cpl,), [x], False
 
 
+def _value(packed=False, **options):
+    module = fusedrl.ValueLoss(**options)  # built outside fake mode (its dry call runs on CPU tensors)
+
+    def call(dev, backend):
+        shape = (1, 11) if packed else (B, T)
+        v = torch.randn(*shape, device=dev).requires_grad_(True)
+        old, ret = torch.randn(*shape, device=dev), torch.randn(*shape, device=dev)
+        mask = torch.ones(*shape, dtype=torch.bool, device=dev)
+        extra = dict(cu_seqlens=torch.tensor([0, 4, 4, 11], device=dev), max_length=7) if packed else {}
+        loss, metrics = fusedrl.value_loss(v, old, ret, mask, backend=backend, **options, **extra)
+        loss2, _ = module(v, old, ret, mask, **extra)
+        return (loss + loss2, *metrics.values()), [v], True
+
+    return call
+
+
 CALLS = {
     "token_logprobs": call_token_logprobs,
     "linear_logprobs": call_linear_logprobs,
@@ -362,6 +379,10 @@ CALLS = {
     "policy_loss-cispo-rollout": _policy(surrogate="cispo", rollout_correction="token_truncate", per_token=True),
     "policy_loss-balanced": _policy(aggregation="balanced"),
     "policy_loss-packed": call_policy_packed,
+    "value_loss-token-mean": _value(clip=0.2),
+    "value_loss-seq-mean-verl-ties": _value(clip=0.2, clip_ties="verl", aggregation="seq-mean-token-mean",
+                                            exclude_empty_rows=True),
+    "value_loss-packed": _value(packed=True, clip=0.2, aggregation="seq-mean-token-sum-norm"),
     "GRPOLoss-PolicyLoss-DPOLoss": call_modules,
     "kl_penalty-aggregate": call_kl_aggregate,
     "group_advantages-grpo": _group(),

@@ -6,7 +6,7 @@ zero-argument function running one forward+backward; `impl` names include "fused
 floor_note: what the floor measures.
 """
 
-from benchmarks.cases import advantages, gae, linear, logprobs, policy, train_step
+from benchmarks.cases import advantages, gae, linear, logprobs, policy, train_step, value
 
 CASES = {
     logprobs.CASE: logprobs,
@@ -16,4 +16,5 @@ CASES = {
     linear.memory.CASE: linear.memory,
     policy.CASE: policy,
     train_step.CASE: train_step,
+    value.CASE: value,
 }

@@ -27,6 +27,7 @@ void logprobs(py::module_& m);
 void scan(py::module_& m);
 void segments(py::module_& m);
 void policy(py::module_& m);
+void value(py::module_& m);
 
 }  // namespace bind
 }  // namespace fusedrl

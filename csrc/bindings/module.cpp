@@ -16,4 +16,5 @@ PYBIND11_MODULE(_C, m) {
   fusedrl::bind::scan(m);
   fusedrl::bind::segments(m);
   fusedrl::bind::policy(m);
+  fusedrl::bind::value(m);
 }

@@ -10,8 +10,11 @@ from fusedrl.linear import linear_logprobs
 from fusedrl.modules import *  # noqa: F403
 from fusedrl.policy import *  # noqa: F403
 from fusedrl.preference import *  # noqa: F403
+from fusedrl.value import *  # noqa: F403
 from fusedrl import advantages as _advantages, modules as _modules, policy as _policy, preference as _preference
+from fusedrl import value as _value
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "token_logprobs", "linear_logprobs", "__version__", *_advantages.__all__, *_modules.__all__, *_policy.__all__, *_preference.__all__]
+__all__ = ["backends", "token_logprobs", "linear_logprobs", "__version__", *_advantages.__all__, *_modules.__all__, *_policy.__all__, *_preference.__all__,
+           *_value.__all__]

@@ -3,7 +3,8 @@ r"""``torch.nn.Module`` losses: thin wrappers that store options and call the pu
 - :class:`PolicyLoss` stores keyword options of :func:`fusedrl.policy_loss`;
 - :class:`GRPOLoss` is a :class:`PolicyLoss` built from TRL's ``GRPOConfig`` names and defaults
   through :func:`fusedrl.presets.trl`;
-- :class:`DPOLoss` stores keyword options of :func:`fusedrl.preference_loss`.
+- :class:`DPOLoss` stores keyword options of :func:`fusedrl.preference_loss`;
+- :class:`ValueLoss` stores keyword options of :func:`fusedrl.value_loss` (the PPO critic's loss).
 
 No math lives here: ``forward`` calls the function with the stored options and returns what it
 returns, ``(loss, metrics)``. Options are validated when the module is built (by a dry call of the
@@ -26,8 +27,9 @@ from torch import nn
 from fusedrl import dispatch, presets
 from fusedrl.policy import policy_loss
 from fusedrl.preference import preference_loss
+from fusedrl.value import value_loss
 
-__all__ = ["PolicyLoss", "GRPOLoss", "DPOLoss", "LinearPolicyLoss"]
+__all__ = ["PolicyLoss", "GRPOLoss", "DPOLoss", "LinearPolicyLoss", "ValueLoss"]
 
 
 def _keyword_options(fn) -> tuple[str, ...]:
@@ -404,3 +406,55 @@ class LinearPolicyLoss(PolicyLoss):
             ignore_index=self.ignore_index, chunk_size=self.chunk_size, options=options, tensors=tensors,
             backend=backend,
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# value loss
+
+#: Normalizers of :func:`fusedrl.value_loss`: options of the module that ``forward`` may override per call.
+VALUE_COUNTS = ("num_tokens", "num_sequences", "max_length")
+VALUE_OPTIONS = _keyword_options(value_loss)
+_VALUE_POSITIONAL = ("values", "old_values", "returns", "mask")
+
+
+def _validate_value_options(owner: str, options: dict) -> dict:
+    for name in options:
+        if name in _VALUE_POSITIONAL or name == "cu_seqlens":
+            raise TypeError(f"{owner}: {name} is a per-call tensor; pass it to forward(), not to the constructor")
+        if name not in VALUE_OPTIONS:
+            raise TypeError(f"{owner}: unknown option {name!r}; options: {', '.join(VALUE_OPTIONS)}")
+    _check_backend(owner, options)
+    z = torch.zeros(2, 2, dtype=torch.float64)
+    dry = {k: v for k, v in options.items() if k != "backend"}
+    with torch.no_grad():
+        _relabel(owner, lambda: value_loss(z, z, z, torch.ones(2, 2, dtype=torch.bool), **dry))
+    return dict(options)
+
+
+class ValueLoss(nn.Module):
+    r"""The clipped value loss :func:`fusedrl.value_loss` as a module.
+
+    ``ValueLoss(**options)`` takes the keyword options of :func:`fusedrl.value_loss` (``clip``,
+    ``clip_ties``, ``aggregation``, ``exclude_empty_rows``, default normalizers, ``backend``),
+    validated at construction (errors name the option). ``forward(values, old_values, returns, mask,
+    **per_call)`` returns ``(loss, metrics)`` exactly as the function; per-call keywords: the
+    normalizers ``num_tokens``, ``num_sequences``, ``max_length`` (overriding the module's) and
+    ``cu_seqlens``. OpenRLHF's ``ValueLoss(clip_eps)`` is ``ValueLoss(clip=clip_eps)`` (its
+    ``token_level_loss=False`` is ``aggregation="seq-mean-token-mean", exclude_empty_rows=True``).
+    """
+
+    def __init__(self, **options):
+        super().__init__()
+        self._options = _validate_value_options(type(self).__name__, options)
+
+    @property
+    def options(self) -> dict:
+        """The stored keyword options of :func:`fusedrl.value_loss` (a copy)."""
+        return dict(self._options)
+
+    def forward(self, values, old_values, returns, mask, **per_call):
+        _split_call(type(self).__name__, per_call, VALUE_COUNTS + ("cu_seqlens",), VALUE_OPTIONS)
+        return value_loss(values, old_values, returns, mask, **{**self._options, **per_call})
+
+    def extra_repr(self) -> str:
+        return _options_repr(self._options)

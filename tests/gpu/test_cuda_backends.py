@@ -1,6 +1,6 @@
 """The compiled ``cuda`` and ``triton`` backends on CUDA tensors against the plain-PyTorch reference
 (``backend="torch"``) on float64 CPU copies of the same inputs: token_logprobs, linear_logprobs,
-LinearPolicyLoss, policy_loss, group / phase / segment advantages, gae, discounted_returns and the
+LinearPolicyLoss, policy_loss, value_loss, group / phase / segment advantages, gae, discounted_returns and the
 masked prefix sum; values, metrics and gradients; every output must be on the CUDA device.
 
 Runs only with ``pytest tests/gpu --gpu`` on a machine with a CUDA device (tests/gpu/conftest.py
@@ -677,3 +677,75 @@ def test_discounted_returns_and_prefix_sum(backend, dtype, gamma):
         on_cuda(p, what=f"{backend} masked_prefix_sum")
         gold_p = scan.masked_prefix_sum(r.double(), mask, backend="torch")
         assert_close_to_reference(p.cpu(), gold_p, dtype=dt, name=f"{backend} masked_prefix_sum")
+
+
+# ---------------------------------------------------------------------------------------------
+# value loss
+
+
+def value_case(B, T, *, seed, mask="bool"):
+    """values / old_values / returns [B, T] (float64, CPU), a right-padded mask with a fully
+    masked row, NaN in the padding."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(B, T, generator=g, dtype=torch.float64)
+    old = v + 0.5 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    ret = v + torch.randn(B, T, generator=g, dtype=torch.float64)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    lengths[min(1, B - 1)] = 0
+    valid = torch.arange(T)[None, :] < lengths[:, None]
+    m = torch.where(valid, torch.rand(B, T, generator=g, dtype=torch.float64) + 0.25, 0.0) if mask == "float" else valid
+    d = {k: t.masked_fill(~valid, float("nan")) for k, t in dict(values=v, old_values=old, returns=ret).items()}
+    return d | dict(mask=m)
+
+
+def value_run(d, device, dtype, backend, **opts):
+    x = to(d["values"], device, dtype).requires_grad_(True)
+    loss, metrics = fusedrl.value_loss(x, to(d["old_values"], device, dtype), to(d["returns"], device, dtype),
+                                       to(d["mask"], device), backend=backend, **opts)
+    (grad,) = torch.autograd.grad(loss, x)
+    return dict(loss=loss, grad=grad, **metrics)
+
+
+def value_check(backend, d, opts, *, dtype):
+    got = value_run(d, CUDA, dtype, backend, **opts)
+    on_cuda(got, what=f"{backend} value_loss")
+    gold = value_run(d, CPU, torch.float64, "torch", **opts)
+    ref = value_run(d, CPU, dtype, "torch", **opts) if dtype == torch.bfloat16 else None
+    for name, g in gold.items():
+        a = got[name]
+        assert torch.isfinite(a).all(), f"{name}: not finite"
+        if name == "grad":
+            assert a.dtype == dtype
+        if dtype == torch.float64:
+            err, bound = max_error(a.cpu(), g), 1e-10 * scale_of(g)
+            assert err <= bound, f"{backend} {name}: max error {err:.3g} exceeds {bound:.3g} ({opts})"
+        else:
+            terr = None if ref is None else max_error(ref[name].detach().cpu(), g)
+            close(a, g, dtype=dtype, name=f"{backend} {name} {opts}", torch_error=terr)
+    return got
+
+
+VALUE_CASES = [dict(clip=None), dict(clip=0.2), dict(clip=0.2, clip_ties="verl", aggregation="seq-mean-token-mean",
+                                                       exclude_empty_rows=True),
+               dict(clip=0.5, aggregation="seq-mean-token-sum-norm", num_sequences=7, max_length=1200),
+               dict(clip=0.0, aggregation="token-sum")]
+
+
+@pytest.mark.parametrize("case", VALUE_CASES, ids=[_case_id(c) for c in VALUE_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+def test_value_loss(backend, case, dtype):
+    """Short and long rows (several blocks), 37 rows, float and bool masks, the packed layout."""
+    for i, (B, T, mask) in enumerate(((4, 7, "bool"), (5, 1100, "float"), (37, 300, "bool"))):
+        d = value_case(B, T, seed=500 + i, mask=mask)
+        value_check(backend, d, case, dtype=dtype)
+    d = value_case(4, 9, seed=510)
+    valid = d["mask"] != 0
+    lengths = valid.sum(-1)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(CUDA)
+    p = {k: t[valid][None] for k, t in d.items()}
+    opts = dict(case, max_length=case.get("max_length", 9))
+    got = value_run(p, CUDA, torch.float32, backend, cu_seqlens=cu, **opts)
+    gold = value_run(d, CPU, torch.float64, "torch", **opts)
+    for name in ("loss", "values_mean"):
+        assert_close_to_reference(got[name].detach().cpu(), gold[name], dtype=torch.float32, name=name)
+    assert_close_to_reference(got["grad"][0].cpu(), gold["grad"][valid], dtype=torch.float32, name="packed grad")

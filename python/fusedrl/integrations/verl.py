@@ -18,6 +18,19 @@ fusedrl_grpo``, ``fusedrl_rloo``, ``fusedrl_opo``, ``fusedrl_gpg``, ``fusedrl_gr
 token rewards, verl's uids mapped to integer group ids. ``unregister()`` removes the names again;
 verl's own entries are never touched.
 
+Value loss: verl 0.9.1 has no registry for value losses. Its critic's loss function is
+``verl.workers.utils.losses.value_loss(config, model_output, data, dp_group)``, which the trainer
+hands to the critic workers with ``critic_wg.set_loss_fn(partial(value_loss, config=critic_cfg))``
+(verl/trainer/ppo/ray_trainer.py ``init_workers``); that call is verl's own hook, so no patching is
+needed: after ``trainer.init_workers()``,
+
+>>> from functools import partial                                                   # doctest: +SKIP
+>>> trainer.critic_wg.set_loss_fn(partial(fusedrl_verl.value_loss, config=critic_cfg))  # doctest: +SKIP
+
+:func:`value_loss` is verl's function with :func:`compute_value_loss` (a drop-in for
+``verl.trainer.ppo.core_algos.compute_value_loss``: the same signature and return values, the
+``dp_size`` factor included) in place of verl's; setting verl's own function again undoes it.
+
 Metrics: ``actor/pg_clipfrac`` (tokens whose trust region is active), ``actor/ppo_kl`` (mean of
 old - new log-prob) and, for ``vanilla``, ``actor/pg_clipfrac_lower`` (the dual clip), as verl's
 ``vanilla`` reports them.
@@ -31,7 +44,8 @@ from verl.trainer.ppo import core_algos
 import fusedrl
 from fusedrl import presets
 
-__all__ = ["register", "unregister", "policy_loss_fn", "advantage_fn", "NAMES", "ADV_NAMES"]
+__all__ = ["register", "unregister", "policy_loss_fn", "advantage_fn", "compute_value_loss", "value_loss", "NAMES",
+           "ADV_NAMES"]
 
 NAMES = {f"fusedrl_{mode}": mode for mode in presets.VERL_LOSS_MODES}
 # verl advantage estimator -> fusedrl.group_advantages estimator
@@ -153,3 +167,72 @@ def unregister() -> None:
             fn = registry.get(name)
             if fn is not None and getattr(fn, "__module__", None) == __name__:
                 del registry[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# value loss
+
+
+def compute_value_loss(vpreds: torch.Tensor, returns: torch.Tensor, values: torch.Tensor,
+                       response_mask: torch.Tensor, cliprange_value: float, loss_agg_mode: str = "token-mean",
+                       dp_size: int = 1, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None):
+    """verl 0.9.1's ``core_algos.compute_value_loss`` computed by :func:`fusedrl.value_loss`:
+    the same signature, returns ``(vf_loss, vf_clipfrac)`` (0-dim tensors).
+
+    ``vpreds`` are the critic's predictions (the gradient flows to them), ``values`` the rollout's
+    values, clipped to ``values -+ cliprange_value`` with verl's tie convention
+    (``clip_ties="verl"``). The loss is fusedrl's with verl's normalizers (``batch_num_tokens``,
+    ``global_batch_size``, ``loss_scale_factor``; fully masked rows excluded from the seq-mean
+    counts), times ``dp_size`` as verl's ``agg_loss``; without the global count of the mode, verl
+    raises when ``dp_size > 1``, and so does this function. Where verl divides by a count of 0 (a
+    fully masked micro-batch) it gives NaN; fusedrl gives 0. verl adds 1e-8 to the seq-mean-token-mean
+    row counts and to the clipfrac's token count; fusedrl does not (1e-8 relative at most).
+    """
+    dp = int(dp_size.item()) if isinstance(dp_size, torch.Tensor) else (1 if dp_size is None else dp_size)
+    if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1:
+        raise ValueError(f"dp_size must be an int >= 1, got {dp_size!r}")
+    mode = loss_agg_mode if isinstance(loss_agg_mode, str) else ""
+    if dp > 1 and mode == "token-mean" and batch_num_tokens is None:
+        raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
+    if dp > 1 and mode.startswith("seq-mean") and global_batch_size is None:
+        raise ValueError("global_batch_size is required when dp_size > 1")
+    loss, metrics = fusedrl.value_loss(
+        vpreds, values, returns, response_mask, clip=cliprange_value, clip_ties="verl", aggregation=loss_agg_mode,
+        num_tokens=batch_num_tokens, num_sequences=global_batch_size, max_length=loss_scale_factor,
+        exclude_empty_rows=True,
+    )
+    return loss * dp, metrics["clipfrac"].float()  # float32, as verl's (a mean of .float() flags)
+
+
+def value_loss(config, model_output, data, dp_group=None):
+    """verl 0.9.1's critic loss ``verl.workers.utils.losses.value_loss`` (the same steps, inputs and
+    metrics) with :func:`compute_value_loss`; pass it to ``critic_wg.set_loss_fn`` (module docstring)."""
+    from verl.utils.metric import AggregationType, Metric  # noqa: PLC0415
+    from verl.workers.utils.padding import no_padding_2_padding  # noqa: PLC0415
+
+    vpreds = no_padding_2_padding(model_output["values"], data)  # (bsz, response_length)
+    dp_size = data["dp_size"]
+    batch_num_tokens = data["batch_num_tokens"]
+    global_batch_size = data["global_batch_size"]
+    if (dp_size > 1 or batch_num_tokens is not None or global_batch_size is not None
+            or config.loss_scale_factor is not None):
+        metric_aggregation = AggregationType.SUM  # each micro-batch adds its share of the global mean
+    else:
+        metric_aggregation = AggregationType.MEAN
+    data = data.select("values", "returns", "response_mask").to_padded_tensor()
+    response_mask = data["response_mask"].to(bool)
+    vf_loss, vf_clipfrac = compute_value_loss(
+        vpreds=vpreds, values=data["values"], returns=data["returns"], response_mask=response_mask,
+        cliprange_value=config.cliprange_value, loss_agg_mode=config.loss_agg_mode, dp_size=dp_size,
+        batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
+        loss_scale_factor=config.loss_scale_factor,
+    )
+    with torch.no_grad():
+        m = response_mask.to(vpreds.dtype)
+        vpred_mean = (torch.where(response_mask, vpreds.detach(), 0.0) * m).sum() / (m.sum() + 1e-8)
+    metrics = {
+        "critic/vf_loss": Metric(value=vf_loss, aggregation=metric_aggregation),
+        "critic/vf_clipfrac": vf_clipfrac.detach().item(),
+        "critic/vpred_mean": vpred_mean.item(),
+    }
+    return vf_loss, metrics
