@@ -14,4 +14,14 @@ from fusedrl import advantages as _advantages, modules as _modules, policy as _p
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    """``fusedrl.distributed`` (torch.distributed helpers) is imported on first access only."""
+    if name == "distributed":
+        import importlib  # noqa: PLC0415
+
+        return importlib.import_module("fusedrl.distributed")
+    raise AttributeError(f"module 'fusedrl' has no attribute {name!r}")
+
+
 __all__ = ["backends", "token_logprobs", "linear_logprobs", "__version__", *_advantages.__all__, *_modules.__all__, *_policy.__all__, *_preference.__all__]
