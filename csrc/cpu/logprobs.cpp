@@ -151,9 +151,18 @@ FUSEDRL_HD void bwd_rows(const LogprobArgs& a, int64_t r0, int64_t r1) {
     // The label's gradient is formed before the row is written, so grad_logits may be the logits
     // buffer itself (the fused linear path writes d logits over the chunk's logits in place).
     const acc_t g_label = logprob_grad(label_logit(z, label, inv_temp), m, log_norm, h, true, g_lp, g_h, inv_temp);
+    // x = z / T is rounded into a buffer by one loop and read by the next, as in row_stats: in a
+    // single loop -ffp-contract=fast fuses z * (1/T) - m into an FMA, and the row's max entry then
+    // got x - m = -1 ulp of x instead of 0 (a 1e-5 relative gradient error at |z / T| ~ 300).
+    acc_t buf[kChunk];
+    for (int64_t c0 = 0; c0 < a.V; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, a.V - c0);
 #pragma omp simd
-    for (int64_t v = 0; v < a.V; ++v) {
-      store(g, v, logprob_grad(mul_rn(load(z, v), inv_temp), m, log_norm, h, false, g_lp, g_h, inv_temp));
+      for (int64_t i = 0; i < n; ++i) buf[i] = mul_rn(load(z, c0 + i), inv_temp);
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        store(g, c0 + i, logprob_grad(buf[i], m, log_norm, h, false, g_lp, g_h, inv_temp));
+      }
     }
     store(g, label, g_label);
   }

@@ -16,5 +16,15 @@ from fusedrl import value as _value
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "token_logprobs", "linear_logprobs", "__version__", *_advantages.__all__, *_modules.__all__, *_policy.__all__, *_preference.__all__,
-           *_value.__all__]
+
+def __getattr__(name):
+    """``fusedrl.distributed`` (torch.distributed helpers) is imported on first access only."""
+    if name == "distributed":
+        import importlib  # noqa: PLC0415
+
+        return importlib.import_module("fusedrl.distributed")
+    raise AttributeError(f"module 'fusedrl' has no attribute {name!r}")
+
+
+__all__ = ["backends", "token_logprobs", "linear_logprobs", "__version__", *_advantages.__all__, *_modules.__all__,
+           *_policy.__all__, *_preference.__all__, *_value.__all__]

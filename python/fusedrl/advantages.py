@@ -374,6 +374,10 @@ def group_advantages(
     elif baseline is not None:
         raise ValueError(f"baseline is only used by estimator='remax', got estimator={est!r}")
 
+    if est == "grpo_passk" and check.has_data(rewards) and bool(torch.isnan(rewards).any()):
+        # a group's first best row is undefined: the kernel gave 0 to every row, the reference crashed
+        raise ValueError("rewards must not hold NaN for estimator='grpo_passk' (a group's best row is undefined)")
+
     needs_groups = est not in ("remax", "reinforce++")
     params = GroupAdvantageParams(
         estimator=est, scale=scale, eps=eps, combine=combine, weights=weights_t, ideal=ideal_t,

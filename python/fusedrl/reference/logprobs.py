@@ -26,6 +26,8 @@ def token_logprobs(
     """
     x = logits.to(accumulation_dtype(logits.dtype)) / temperature
     valid = labels != ignore_index
+    # ignored rows take no part, not even in the backward of log_softmax (a NaN there would leak)
+    x = torch.where(valid.unsqueeze(-1), x, 0.0)
     safe_labels = torch.where(valid, labels, 0).long()
     log_softmax = torch.log_softmax(x, dim=-1)
     logp = log_softmax.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)

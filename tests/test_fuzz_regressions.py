@@ -1,0 +1,63 @@
+"""Failures found by the fuzz campaign (scripts/fuzz.py), each kept as a regression test."""
+
+import pytest
+import torch
+
+import fusedrl
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_ignored_row_with_nan_logit_gets_zero_gradient(backend):
+    """fuzz: token_logprobs / linear_logprobs 'valid nan'. An ignore_index row holding a NaN logit
+    gave the reference (torch backend) a NaN gradient for that row (log_softmax's backward reads
+    the row even though its log-prob is selected away); the kernels gave 0, as documented."""
+    z = torch.tensor([[1.0, float("nan"), 2.0], [0.5, 0.2, 0.1]], dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([-100, 1])
+    logp, entropy = fusedrl.token_logprobs(z, labels, return_entropy=True, backend=backend)
+    (logp.sum() + entropy.sum()).backward()
+    assert torch.equal(z.grad[0], torch.zeros(3, dtype=torch.float64))
+    assert bool(z.grad[1].isfinite().all()) and z.grad[1].abs().sum() > 0
+    assert logp[0] == 0 and entropy[0] == 0
+
+
+def test_linear_ignored_row_with_nan_hidden_gets_zero_gradient():
+    hidden = torch.tensor([[0.7, float("nan")], [-1.6, -1.4]], dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    logp = fusedrl.linear_logprobs(hidden, weight, torch.tensor([-100, 1]), backend="torch")
+    logp.sum().backward()
+    assert torch.equal(hidden.grad[0], torch.zeros(2, dtype=torch.float64))
+    assert bool(hidden.grad[1].isfinite().all())
+    # (d weight = d logits^T @ hidden holds 0 * NaN from the ignored row, as an unfused matmul does)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 0.3, 1.3])
+def test_cpu_backward_max_entry_is_exact_with_a_temperature(temperature):
+    """fuzz: token_logprobs / cpu 'valid plain', float32 logits ~ 200 with temperature 0.7: the
+    gradient at the row's max was 1 ulp of z / T off (-1.4285579 for -1.4285714, dH 1.4e-5 for 0:
+    a 1e-5 relative error, where torch's float32 error is 1e-7). The backward fused z * (1/T) - max
+    into an FMA, so x - max was not 0 at the max; it now rounds x first, as the forward does."""
+    z = torch.tensor([[-135.2169, 179.5107, 20.1200, 233.3377, -10.2782],
+                      [50.9042, 94.2679, -122.6167, 35.0806, 67.3825]])
+    labels = torch.tensor([1, 4])
+    gold = []
+    for backend, dtype in (("cpu", torch.float32), ("torch", torch.float64)):
+        x = z.to(dtype).detach().clone().requires_grad_(True)
+        logp, entropy = fusedrl.token_logprobs(x, labels, temperature=temperature, return_entropy=True, backend=backend)
+        (logp.sum() + 0.5 * entropy.sum()).backward()
+        gold.append(x.grad.double())
+    torch.testing.assert_close(gold[0], gold[1], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("layout", ["group_size", "group_ids"])
+def test_grpo_passk_rejects_nan_rewards(backend, layout):
+    """fuzz: group_advantages 'valid nan', estimator='grpo_passk': a NaN reward made the reference
+    raise a RuntimeError (index out of bounds: no row equals a NaN max) and the cpu kernel return
+    all zeros (the NaN swallowed). Now a ValueError naming rewards, on every backend."""
+    rewards = torch.tensor([-0.9, float("nan"), -0.1, 0.3], dtype=torch.float64)
+    layout_kw = dict(group_size=2) if layout == "group_size" else dict(group_ids=torch.tensor([4, 4, 1, 1]))
+    with pytest.raises(ValueError, match="rewards must not hold NaN"):
+        fusedrl.group_advantages(rewards, estimator="grpo_passk", backend=backend, **layout_kw)
+    finite = torch.tensor([-0.9, 0.5, -0.1, 0.3], dtype=torch.float64)
+    out = fusedrl.group_advantages(finite, estimator="grpo_passk", backend=backend, **layout_kw)
+    assert out[1] > 0 and out[3] > 0 and out[0] == 0 and out[2] == 0
