@@ -133,3 +133,18 @@ def test_dpo_loss(ipo, label_smoothing, backend):
     want = run(ORL.DPOLoss(0.1, label_smoothing, ipo), pc, pr, rc, rr)
     got = run(ours.DPOLoss(0.1, label_smoothing, ipo, backend=backend), pc, pr, rc, rr)
     assert_outputs(got, want)
+
+
+VALUE_CASES = [dict(), dict(clip_eps=0.2), dict(clip_eps=0.05, token_level_loss=False)]
+
+
+@pytest.mark.parametrize("options", VALUE_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize("counts", COUNTS, ids=["local", "global"])
+def test_value_loss(options, counts):
+    if not hasattr(__import__("fusedrl"), "value_loss"):
+        pytest.fail("fusedrl.value_loss is missing")
+    d = batch(11)
+    args = (d["old_values"], d["returns"], d["mask"])
+    want = run(ORL.ValueLoss(**options), d["values"], *args, **counts)
+    got = run(ours.ValueLoss(**options), d["values"], *args, **counts)
+    assert_outputs(got, want)

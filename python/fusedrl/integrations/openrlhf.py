@@ -1,5 +1,5 @@
 """OpenRLHF 0.11 loss modules on fusedrl: ``from fusedrl.integrations.openrlhf import PolicyLoss,
-DPOLoss`` in place of ``from openrlhf.models.loss import ...`` is the whole change.
+ValueLoss, DPOLoss`` in place of ``from openrlhf.models.loss import ...`` is the whole change.
 
 Each class takes the constructor and ``forward`` arguments of OpenRLHF's class of the same name
 (openrlhf/models/loss.py) and returns what it returns; tests/peers/test_openrlhf.py runs OpenRLHF's
@@ -10,6 +10,8 @@ own module beside them. Nothing of OpenRLHF is imported here (its package pulls 
   ``token_level_loss`` -> ``"token-mean"`` or ``"seq-mean-token-mean"`` over non-empty rows, the
   train/rollout correction ``is_correction_level="token"`` with ``is_correction_gating="ratio"``
   (``"clip"`` -> ``rollout_correction="token_truncate"``, ``"mask"`` -> ``"icepop"``).
+- :class:`ValueLoss` -> :func:`fusedrl.value_loss` (OpenRLHF clips ``values - old_values`` to
+  +-``clip_eps``).
 - :class:`DPOLoss` -> :func:`fusedrl.preference_loss` (``loss_type="sigmoid"``, its
   ``label_smoothing`` as ``soft_labels = 1 - label_smoothing`` (cDPO), or ``"ipo"`` on the
   log-probs as given).
@@ -27,7 +29,7 @@ from torch import nn
 
 import fusedrl
 
-__all__ = ["PolicyLoss", "DPOLoss"]
+__all__ = ["PolicyLoss", "ValueLoss", "DPOLoss"]
 
 
 def _normalizers(token_level_loss: bool, batch_num_tokens, global_batch_size) -> dict:
@@ -109,6 +111,26 @@ class PolicyLoss(nn.Module):
                 is_filter_ratio = _masked_mean(((q < low) | (q > high)).float(), action_mask)
                 vllm_kl = _masked_mean(rollout_log_probs - old_log_probs, action_mask)
         return loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio
+
+
+class ValueLoss(nn.Module):
+    """OpenRLHF's ``ValueLoss`` (the clipped value loss, 0.5 times the aggregated squared error) on
+    :func:`fusedrl.value_loss`."""
+
+    def __init__(self, clip_eps: float | None = None, token_level_loss: bool = True, *,
+                 backend: str | None = None) -> None:
+        super().__init__()
+        self.clip_eps, self.token_level_loss, self.backend = clip_eps, token_level_loss, backend
+
+    def forward(self, values, old_values, returns, action_mask=None, dp_size: int = 1, batch_num_tokens=None,
+                global_batch_size=None):
+        if action_mask is None:
+            action_mask = torch.ones_like(values, dtype=torch.bool)
+        loss, _ = fusedrl.value_loss(values, old_values, returns, action_mask, clip=self.clip_eps, backend=self.backend,
+                                     **_normalizers(self.token_level_loss, batch_num_tokens, global_batch_size))
+        if dp_size != 1 and (batch_num_tokens is not None if self.token_level_loss else global_batch_size is not None):
+            loss = loss * dp_size
+        return loss
 
 
 class DPOLoss(nn.Module):
