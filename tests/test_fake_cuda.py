@@ -4,7 +4,7 @@ The tensors are fake (torch's FakeTensorMode: shapes, dtypes and devices, no dat
 glue runs for real and any tensor it makes on another device shows up:
 - the kernel backends are made to accept fake CUDA tensors: ``cuda`` and ``triton`` are reported
   available, the extension is replaced by a stand-in whose entry points do nothing, and each
-  custom op's fake implementation is its real one, so the launchers run and every
+  op's fake implementation is its CUDA (or Triton) kernel, so the launchers run and every
   ``data_ptr()`` they hand to a kernel and every tensor they pass to a Triton launch is recorded
   and must be on ``cuda``;
 - outputs and gradients must be on ``cuda``, and a torch op mixing devices raises by itself;
@@ -26,8 +26,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 import fusedrl
 from fusedrl import _ext, dispatch
-from fusedrl.ops import logprobs as op_logprobs, policy as op_policy, scan as op_scan, segments as op_segments
-from fusedrl.ops import value as op_value
+from fusedrl.ops import library, logprobs, policy, scan, segments, value  # noqa: F401  (registers every op)
 
 GUARD_SOURCE = r"""
 #include <c10/core/impl/DeviceGuardImplInterface.h>
@@ -89,10 +88,10 @@ def fake_cuda(cuda_guard, monkeypatch):
 
     monkeypatch.setattr(FakeTensor, "data_ptr", data_ptr, raising=False)
     monkeypatch.setattr(torch.autograd, "grad", fake_grad)
-    for ops in (op_logprobs, op_policy, op_scan, op_segments, op_value):
-        for value in vars(ops).values():
-            if isinstance(value, torch._library.custom_ops.CustomOpDef):
-                monkeypatch.setattr(value, "_abstract_fn", value._init_fn)
+    for op in library.OPS.values():  # each overload's fake runs the overload's CUDA kernel
+        for backend, kernel in op.kernels.items():
+            if backend != "cpu":
+                monkeypatch.setitem(op.fakes, library.OVERLOAD[backend], kernel)
     triton = pytest.importorskip("triton")
 
     def launch(self, *args, grid=None, **kwargs):
@@ -139,7 +138,7 @@ def fake_backward(outputs, grads=None):
     ready = [n for n in buffers if pending[n] == 0]
     while ready:
         node = ready.pop()
-        inputs = buffers.pop(node, [])
+        inputs = buffers.pop(node, None) or [None] * max(len(node._input_metadata), 1)  # no gradient arrived
         if type(node).__name__ == "AccumulateGrad":
             leaf, g = node.variable, inputs[0]
             if g is not None:

@@ -254,13 +254,21 @@ def test_opcheck(backend, return_entropy):
 
     logits = torch.randn(4, 37, requires_grad=True)
     labels = torch.tensor([0, 36, -100, 5])
-    torch.library.opcheck(op.token_logprobs_op, (logits, labels, 0.9, -100, return_entropy, backend))
-    lp, h, row_max, log_norm = op.token_logprobs_op(logits.detach(), labels, 0.9, -100, True, backend)
+    torch.library.opcheck(op.TOKEN_LOGPROBS.overload(backend), (logits, labels, 0.9, -100, return_entropy))
+    lp, h, row_max, log_norm = op.TOKEN_LOGPROBS(backend, logits.detach(), labels, 0.9, -100, True)
     torch.library.opcheck(
-        op.token_logprobs_backward_op,
+        op.TOKEN_LOGPROBS_BACKWARD.overload(backend),
         (logits.detach(), labels, row_max, log_norm, h, torch.randn(4), torch.randn(4) if return_entropy else None,
-         0.9, -100, backend),
+         0.9, -100),
     )
+    g_lp = torch.randn(4)
+    outs = [torch.empty(4), torch.empty(4) if return_entropy else None, torch.empty(4), torch.empty(4)]
+    torch.library.opcheck(op.FORWARD.overload(backend), (logits.detach(), labels, 0.9, -100, *outs),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(op.BACKWARD.overload(backend), (logits.detach(), labels, 0.9, -100, row_max, log_norm,
+                                                          h if return_entropy else None, g_lp, None,
+                                                          torch.empty(4, 37)),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_torch_compile_fullgraph():

@@ -140,17 +140,17 @@ def test_launcher_optional_arguments():
     """The None paths of the backward launcher (no entropy, no grad_logp / grad_entropy) and
     rows whose upstream gradients are both 0, against the C++ kernel."""
     logits, labels = case(5, 300, torch.float32)
-    lp, h, m, ln = op.token_logprobs_op(logits, labels, 0.7, -100, True, "triton")
-    lp_c, h_c, m_c, ln_c = op.token_logprobs_op(logits, labels, 0.7, -100, True, "cpu")
+    lp, h, m, ln = op.TOKEN_LOGPROBS("triton", logits, labels, 0.7, -100, True)
+    lp_c, h_c, m_c, ln_c = op.TOKEN_LOGPROBS("cpu", logits, labels, 0.7, -100, True)
     torch.testing.assert_close(m, m_c, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(ln, ln_c, rtol=1e-6, atol=1e-6)
-    _, none_h, m2, ln2 = op.token_logprobs_op(logits, labels, 0.7, -100, False, "triton")
+    _, none_h, m2, ln2 = op.TOKEN_LOGPROBS("triton", logits, labels, 0.7, -100, False)
     assert none_h.numel() == 0 and torch.equal(m2, m) and torch.equal(ln2, ln)
     g_lp, g_h = torch.randn(5), torch.randn(5)
     g_lp[2] = g_h[2] = 0.0
     for args in [(h, g_lp, g_h), (h, None, g_h), (h, g_lp, None), (none_h, g_lp, None), (h, None, None)]:
         ent, a, b = args
-        got = op.token_logprobs_backward_op(logits, labels, m, ln, ent, a, b, 0.7, -100, "triton")
-        want = op.token_logprobs_backward_op(logits, labels, m_c, ln_c, ent, a, b, 0.7, -100, "cpu")
+        got = op.TOKEN_LOGPROBS_BACKWARD("triton", logits, labels, m, ln, ent, a, b, 0.7, -100)
+        want = op.TOKEN_LOGPROBS_BACKWARD("cpu", logits, labels, m_c, ln_c, ent, a, b, 0.7, -100)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         assert torch.all(got[[1, 2]] == 0)

@@ -350,13 +350,13 @@ def test_opcheck():
     x = d["logp"].clone().requires_grad_()
     h = d["entropy"].clone().requires_grad_()
     stats_args = (x.detach(), d["old_logp"], d["advantages"], d["mask"], d["rollout_logp"], h.detach(), None, flags,
-                  values, False, "cpu")
-    torch.library.opcheck(op.policy_stats_op, stats_args)
-    stats = op.policy_stats_op(*stats_args)
+                  values, False)
+    torch.library.opcheck(op.POLICY_STATS.overload("cpu"), stats_args)
+    stats = op.POLICY_STATS("cpu", *stats_args)
     coef = torch.rand(3, 3, dtype=torch.float64)
     args = (x, d["old_logp"], d["advantages"], d["mask"], d["ref_logp"], d["rollout_logp"], h, None, stats, coef,
-            flags, values, True, True, "cpu")
-    torch.library.opcheck(op.policy_objective_op, args, test_utils=("test_schema", "test_faketensor",
+            flags, values, True, True)
+    torch.library.opcheck(op.POLICY_OBJECTIVE.overload("cpu"), args, test_utils=("test_schema", "test_faketensor",
                                                                      "test_aot_dispatch_static"))
 
 

@@ -242,17 +242,17 @@ def test_ops_match_cpu(case):
     balanced = p.aggregation == "balanced"
     stats = {}
     for be in ("cpu", "triton"):
-        stats[be] = op.policy_stats_op(d["logp"], d["old_logp"], d["advantages"], d["mask"], d["rollout_logp"],
-                                       d["entropy"], None, flags, values, balanced, be)
+        stats[be] = op.POLICY_STATS.overload(be)(d["logp"], d["old_logp"], d["advantages"], d["mask"],
+                                                 d["rollout_logp"], d["entropy"], None, flags, values, balanced)
     a, b = stats["triton"], stats["cpu"]
     assert torch.equal(torch.isinf(a), torch.isinf(b)) and torch.equal(a[torch.isinf(a)], b[torch.isinf(b)])
     torch.testing.assert_close(a[~torch.isinf(a)], b[~torch.isinf(b)], rtol=1e-13, atol=1e-14)
     coef = torch.rand(4, 3, dtype=torch.float64)
     out = {}
     for be in ("cpu", "triton"):
-        out[be] = op.policy_objective_op(d["logp"], d["old_logp"], d["advantages"], d["mask"], d["ref_logp"],
-                                         d["rollout_logp"], d["entropy"], None, stats["cpu"], coef, flags, values,
-                                         True, True, be)
+        out[be] = op.POLICY_OBJECTIVE.overload(be)(d["logp"], d["old_logp"], d["advantages"], d["mask"],
+                                                   d["ref_logp"], d["rollout_logp"], d["entropy"], None, stats["cpu"],
+                                                   coef, flags, values, True, True)
     for x, y in zip(out["triton"], out["cpu"]):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
 

@@ -219,10 +219,10 @@ def test_default_dispatch_runs_the_cpu_kernel():
 
 def test_opcheck():
     r, v, mask, boot = make_case(3, 8, torch.float32)
-    torch.library.opcheck(scan.gae_op, (r, v, mask, boot, 0.9, 0.95, True, "cpu"))
-    torch.library.opcheck(scan.gae_op, (r, v, mask.float(), None, 1.0, 1.0, False, "cpu"))
-    torch.library.opcheck(scan.discounted_returns_op, (r, mask, 0.9, "cpu"))
-    torch.library.opcheck(scan.masked_prefix_sum_op, (r, mask.int(), "cpu"))
+    torch.library.opcheck(scan.GAE.overload("cpu"), (r, v, mask, boot, 0.9, 0.95, True))
+    torch.library.opcheck(scan.GAE.overload("cpu"), (r, v, mask.float(), None, 1.0, 1.0, False))
+    torch.library.opcheck(scan.DISCOUNTED_RETURNS.overload("cpu"), (r, mask, 0.9))
+    torch.library.opcheck(scan.MASKED_PREFIX_SUM.overload("cpu"), (r, mask.int()))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

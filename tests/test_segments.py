@@ -150,9 +150,10 @@ def test_deterministic_across_threads(backend):
 def test_custom_op(backend):
     values = torch.randn(12, 2)
     index = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 3, 3])
-    args = (values, index, 0, 4, torch.rand(12), "verl", True, backend)
-    torch.library.opcheck(seg.segment_stats_op, args, test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(seg.segment_stats_op, (values, None, 3, 4, None, "zero", False, backend),
+    args = (values, index, 0, 4, torch.rand(12), "verl", True)
+    op = seg.SEGMENT_STATS.overload(backend)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(op, (values, None, 3, 4, None, "zero", False),
                           test_utils=("test_schema", "test_faketensor"))
 
 

@@ -386,18 +386,22 @@ def test_hypothesis(B, T, seed, mask, clip, aggregation, ties, packed, scale):
 
 
 @pytest.mark.parametrize("backend", KERNELS)
-def test_upstream_gradient_and_one_backward(backend):
+def test_upstream_gradient_and_repeated_backward(backend):
+    """A scaled upstream gradient, then a second backward through the retained graph (upstream 1:
+    the saved gradient handed over as is) and a third (scaled again): each as the reference's."""
     d = make_inputs(3, 6, seed=2)
     grads = {}
     for be in (backend, "torch"):
         v = d["values"].clone().requires_grad_(True)
         loss, _ = fusedrl.value_loss(v, d["old_values"], d["returns"], d["mask"], clip=0.2, backend=be)
-        (loss * 0.25).backward(retain_graph=True)
-        grads[be] = v.grad.clone()
-        if be == backend:
-            with pytest.raises(RuntimeError, match="one backward"):
-                loss.backward()
-    torch.testing.assert_close(grads[backend], grads["torch"], rtol=1e-12, atol=1e-14)
+        steps = []
+        for scale, retain in ((0.25, True), (1.0, True), (-2.0, False)):
+            (loss * scale if scale != 1.0 else loss).backward(retain_graph=retain)
+            steps.append(v.grad.clone())
+            v.grad = None
+        grads[be] = steps
+    for got, want in zip(grads[backend], grads["torch"]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -422,13 +426,13 @@ def test_opcheck():
     flags, opts = op.option_lists(0.2, "verl")
     coef = torch.rand(3, dtype=torch.float64)
     v = d["values"].clone().requires_grad_(True)
-    args = (v, d["old_values"], d["returns"], d["mask"], None, coef, flags, opts, True, "cpu")
-    torch.library.opcheck(op.value_objective_op, args, test_utils=("test_schema", "test_faketensor",
+    args = (v, d["old_values"], d["returns"], d["mask"], None, coef, flags, opts, True)
+    torch.library.opcheck(op.VALUE_OBJECTIVE.overload("cpu"), args, test_utils=("test_schema", "test_faketensor",
                                                                     "test_aot_dispatch_static"))
     p, cu = pack(d)
     args = (p["values"].clone().requires_grad_(True), p["old_values"], p["returns"], p["mask"], cu, coef, flags, opts,
-            True, "cpu")
-    torch.library.opcheck(op.value_objective_op, args, test_utils=("test_schema", "test_faketensor"))
+            True)
+    torch.library.opcheck(op.VALUE_OBJECTIVE.overload("cpu"), args, test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.skipif(not HAS_CPU, reason="the C++ extension is not built")

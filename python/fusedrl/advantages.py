@@ -440,9 +440,8 @@ def _fused_group_advantages(rewards, group_ids, size: int, mask, params: GroupAd
     if params.combine == "normalize_then_sum":
         finish = "batch_normalize"
     # no torch.no_grad() needed: the kernel's output is a fresh tensor outside autograd
-    call = seg_ops.group_advantages_op if torch.compiler.is_compiling() else seg_ops.group_advantages_cpu
-    adv = call(
-        rewards, group_ids, size, lengths, params.estimator, params.scale, params.eps, params.singleton,
+    adv = seg_ops.GROUP_ADVANTAGES(
+        "cpu", rewards, group_ids, size, lengths, params.estimator, params.scale, params.eps, params.singleton,
         params.combine, finish, weights, list(params.ideal or ()), params.var_coef,
     )
     return adv if valid is None else torch.where(valid, adv.unsqueeze(-1), 0.0)
@@ -664,7 +663,7 @@ def gae(
         if name != "torch":
             from fusedrl.ops import scan  # noqa: PLC0415
 
-            return scan.gae_op(rewards, values, mask, bootstrap, params.gamma, params.lam, params.whiten, name)
+            return scan.GAE(name, rewards, values, mask, bootstrap, params.gamma, params.lam, params.whiten)
         return ref.gae(
             rewards, values, mask, gamma=params.gamma, lam=params.lam, bootstrap=bootstrap,
             whiten_advantages=params.whiten,
@@ -706,5 +705,5 @@ def discounted_returns(
         if name != "torch":
             from fusedrl.ops import scan  # noqa: PLC0415
 
-            return scan.discounted_returns_op(rewards, mask, params.gamma, name)
+            return scan.DISCOUNTED_RETURNS(name, rewards, mask, params.gamma)
         return ref.discounted_returns(rewards, mask, gamma=params.gamma)

@@ -57,6 +57,8 @@ one-hot term); :func:`linear_logprobs` all-reduces d hidden (the sum of every sh
 
 from __future__ import annotations
 
+import functools
+
 import dataclasses
 from collections.abc import Mapping, Sequence
 
@@ -516,7 +518,7 @@ def _launchers(backend: str):
         return _torch_forward, _torch_backward
     from fusedrl.ops import logprobs as op  # noqa: PLC0415
 
-    return op.LAUNCHERS[backend]
+    return functools.partial(op.FORWARD, backend), functools.partial(op.BACKWARD, backend)
 
 
 def vocab_range(local_size: int, *, group=None, vocab_start=None, vocab_size=None, device=None) -> tuple[int, int]:

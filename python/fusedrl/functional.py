@@ -83,8 +83,8 @@ def token_logprobs(
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
-    logp, entropy, _, _ = op.token_logprobs_op(
-        flat, flat_labels, params.temperature, params.ignore_index, params.return_entropy, name
+    logp, entropy, _, _ = op.TOKEN_LOGPROBS(
+        name, flat, flat_labels, params.temperature, params.ignore_index, params.return_entropy
     )
     logp = logp.view(labels.shape)
     if params.return_entropy:

@@ -17,6 +17,8 @@ that knows its upstream gradient (``LinearPolicyLoss``) can take the single-pass
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from fusedrl import _ext, dispatch, reference
@@ -93,7 +95,7 @@ class _LinearLogprobs(torch.autograd.Function):
         out = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         logp, row_max, log_norm = (_ext.empty(N, out, hidden.device) for _ in range(3))
         entropy = _ext.empty(N if params.return_entropy else 0, out, hidden.device)
-        forward_kernel = op.LAUNCHERS[backend][0]
+        forward_kernel = functools.partial(op.FORWARD, backend)
         buffer = torch.empty(min(chunk, N), V, dtype=hidden.dtype, device=hidden.device)
         for start in range(0, N, chunk):
             stop = min(start + chunk, N)
@@ -122,7 +124,7 @@ class _LinearLogprobs(torch.autograd.Function):
         d_hidden = torch.empty_like(hidden) if need_h else None
         d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         d_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if (need_b and bias is not None) else None
-        backward_kernel = op.LAUNCHERS[backend][1]
+        backward_kernel = functools.partial(op.BACKWARD, backend)
         buffer = torch.empty(min(chunk, N), weight.shape[0], dtype=hidden.dtype, device=hidden.device)
         for start in range(0, N, chunk):
             stop = min(start + chunk, N)
@@ -308,7 +310,7 @@ def single_pass_policy_loss(hidden, weight, labels, old_logp, advantages, mask, 
     d_hidden = torch.empty_like(flat_h)
     d_weight = torch.empty(weight.shape, dtype=acc, device=dev)  # the first chunk writes it, the others add
     d_bias = torch.zeros(V, dtype=acc, device=dev) if bias is not None else None
-    forward_kernel, backward_kernel = op.LAUNCHERS[backend]
+    forward_kernel, backward_kernel = functools.partial(op.FORWARD, backend), functools.partial(op.BACKWARD, backend)
     chunk = chunk_size or default_chunk_size(N, V, hidden.dtype)
     buffer = torch.empty(min(chunk, N), V, dtype=hidden.dtype, device=dev)
     with torch.no_grad():

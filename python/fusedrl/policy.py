@@ -507,12 +507,13 @@ def policy_loss(
     the tokens (a statistics pass when the ratio level or the aggregation needs per-row sums or
     counts; then one pass writing the loss shares, the metrics and d loss / d logp together, the
     gradient only when ``logp`` requires it), accumulating in float32 (float64 for float64 input).
-    The per-row normalizers come from the same :func:`fusedrl.reference.aggregate.row_coefficients`
-    as the reference. Outside ``torch.compile`` the gradient written in the forward is handed to
-    autograd without a copy, so one graph supports one backward (a second raises a RuntimeError);
-    under ``torch.compile`` the registered custom ops ``fusedrl::policy_stats`` and
-    ``fusedrl::policy_objective`` run instead (no graph break, repeated backward allowed). The
-    ``torch`` backend runs the reference (:mod:`fusedrl.reference.policy`).
+    The per-row normalizers come from :func:`fusedrl.ops.normalizers.row_coefficients` (tested
+    against the reference's aggregation). The kernels run as the torch operators
+    ``fusedrl::policy_stats`` and ``fusedrl::policy_objective`` (:mod:`fusedrl.ops.library`), in
+    eager mode and under ``torch.compile`` alike (no graph break). The gradient written in the
+    forward is handed to autograd without a copy when the upstream gradient is 1 (a plain
+    ``loss.backward()`` on CPU), else scaled by it. The ``torch`` backend runs the reference
+    (:mod:`fusedrl.reference.policy`).
 
     Layouts: padded [B, T] with ``mask``, or verl's remove-padding layout: ``logp`` and the other
     per-token tensors [1, N] (or [N]), ``cu_seqlens`` int32/int64 [S + 1] (starting at 0,

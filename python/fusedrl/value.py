@@ -73,10 +73,11 @@ def value_loss(
     How it runs: on the ``cpu``, ``cuda`` and ``triton`` backends one kernel pass writes the row
     loss shares, the metric sums and d loss / d values (the gradient only when ``values`` requires
     it), accumulating in float32 (float64 for float64 ``values``); the per-row normalizers come
-    from :func:`fusedrl.reference.aggregate.row_coefficients`, as the reference. Outside
-    ``torch.compile`` one graph supports one backward (the gradient is handed over without a copy);
-    under ``torch.compile`` the custom op ``fusedrl::value_objective`` runs (no graph break). The
-    ``torch`` backend runs :mod:`fusedrl.reference.value`.
+    from :func:`fusedrl.ops.normalizers.row_coefficients` (tested against the reference's
+    aggregation). The kernel runs as the torch operator ``fusedrl::value_objective`` in eager mode
+    and under ``torch.compile`` alike (no graph break); the gradient is handed over without a copy
+    when the upstream gradient is 1 (CPU). The ``torch`` backend runs
+    :mod:`fusedrl.reference.value`.
 
     Edge cases: padded tokens (m = 0) never contribute, whatever their values (inf or NaN
     included), and get an exact zero gradient; a fully masked batch gives exactly 0. Float masks are

@@ -1,1 +1,2 @@
-"""torch.library custom ops (one file per primitive) and the backend launchers behind them."""
+"""The kernels as torch operators (one file per primitive; fusedrl.ops.library says how they are
+registered) and the normalization of the kernel paths (fusedrl.ops.normalizers)."""

@@ -1,10 +1,11 @@
-"""Custom ops of the fused policy objective: ``fusedrl::policy_stats`` (pass 1, the row statistics)
-and ``fusedrl::policy_objective`` (pass 2: loss, per-row metric sums and d loss / d logp in one
-pass; registered autograd scales the saved gradient by the upstream one).
+"""Ops of the fused policy objective: ``fusedrl::policy_stats`` (pass 1, the row statistics) and
+``fusedrl::policy_objective`` (pass 2: loss, per-row metric sums and d loss / d logp in one pass;
+registered autograd scales the saved gradient by the upstream one). Each is a
+:class:`fusedrl.ops.library.Op`: ``POLICY_OBJECTIVE(backend, ...)``.
 
 Spec: :mod:`fusedrl.reference.policy`; per-token math: csrc/include/fusedrl/policy.h. Between the
-two passes, :func:`fusedrl.reference.aggregate.row_coefficients` (the one place where
-normalizers are written) turns the row counts into the per-row coefficients the kernel weighs
+two passes, :func:`fusedrl.ops.normalizers.row_coefficients` (the one place where
+the kernel paths normalize) turns the row counts into the per-row coefficients the kernel weighs
 each token with.
 
 Layouts: padded ``[B, T]`` (every row T long), or packed ``[1, N]`` / ``[N]`` with ``cu_seqlens``
@@ -21,6 +22,8 @@ import torch
 from torch import Tensor
 
 from fusedrl import _ext
+from fusedrl.ops.library import Op, hand_over
+from fusedrl.ops import normalizers as norm
 from fusedrl.reference import aggregate as ref_agg
 
 SURROGATE_CODES = {"clip": 0, "cispo": 1, "sapo": 2, "geo_mean": 3, "reinforce": 4, "gpg": 5, "vespo": 6}
@@ -209,13 +212,6 @@ def _triton_loss(o: Operands):
     k.policy_loss(o)
 
 
-LAUNCHERS = {
-    "cpu": (_cpu_stats, _cpu_loss),
-    "cuda": (_cuda_stats, _cuda_loss),
-    "triton": (_triton_stats, _triton_loss),
-}
-
-
 def _mask(mask: Tensor) -> Tensor:
     if mask.dtype in MASK_CODES or mask.dtype in _ext.DTYPE_CODES:
         return mask
@@ -244,30 +240,29 @@ def _rows(logp: Tensor, cu_seqlens: Tensor | None) -> int:
 # ops
 
 
-def _policy_stats(logp, old_logp, advantages, mask, rollout_logp, entropy, cu_seqlens, flags, values, stats_adv,
-                  backend):
-    o = _operands(logp, old_logp, advantages, mask, None, rollout_logp, entropy, cu_seqlens, flags, values)
-    o.stats = _ext.empty((o.B, NUM_STATS), torch.float64, logp.device)
-    o.stats_adv = stats_adv
-    if o.B > 0:
-        LAUNCHERS[backend][0](o)
-    return o.stats
+def _policy_stats(launch):
+    def policy_stats(logp, old_logp, advantages, mask, rollout_logp, entropy, cu_seqlens, flags, values, stats_adv):
+        o = _operands(logp, old_logp, advantages, mask, None, rollout_logp, entropy, cu_seqlens, flags, values)
+        o.stats = _ext.empty((o.B, NUM_STATS), torch.float64, logp.device)
+        o.stats_adv = stats_adv
+        if o.B > 0:
+            launch(o)
+        return o.stats
+
+    return policy_stats
 
 
-@torch.library.custom_op("fusedrl::policy_stats", mutates_args=())
-def policy_stats_op(
-    logp: Tensor, old_logp: Tensor | None, advantages: Tensor, mask: Tensor, rollout_logp: Tensor | None,
-    entropy: Tensor | None, cu_seqlens: Tensor | None, flags: list[int], values: list[float], stats_adv: bool,
-    backend: str,
-) -> Tensor:
-    """Pass 1: the row statistics [B, 9] (float64; the Stat enum of fusedrl/policy.h)."""
-    return _policy_stats(logp, old_logp, advantages, mask, rollout_logp, entropy, cu_seqlens, flags, values,
-                         stats_adv, backend)
-
-
-@policy_stats_op.register_fake
-def _(logp, old_logp, advantages, mask, rollout_logp, entropy, cu_seqlens, flags, values, stats_adv, backend):
+def _policy_stats_fake(logp, old_logp, advantages, mask, rollout_logp, entropy, cu_seqlens, flags, values, stats_adv):
     return logp.new_empty((_rows(logp, cu_seqlens), NUM_STATS), dtype=torch.float64)
+
+
+# Pass 1: the row statistics [B, 9] (float64; the Stat enum of fusedrl/policy.h).
+POLICY_STATS = Op(
+    "policy_stats", "(Tensor logp, Tensor? old_logp, Tensor advantages, Tensor mask, Tensor? rollout_logp, "
+    "Tensor? entropy, Tensor? cu_seqlens, int[] flags, float[] values, bool stats_adv) -> Tensor",
+    fake=_policy_stats_fake,
+    kernels={"cpu": _policy_stats(_cpu_stats), "cuda": _policy_stats(_cuda_stats), "triton": _policy_stats(_triton_stats)},
+)
 
 
 def _grad_buffer(t: Tensor, want: bool, cu_seqlens: Tensor | None) -> Tensor:
@@ -278,40 +273,27 @@ def _grad_buffer(t: Tensor, want: bool, cu_seqlens: Tensor | None) -> Tensor:
     return _ext.empty(t.shape, t.dtype, t.device)
 
 
-def _policy_objective(logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy, cu_seqlens, stats, coef,
-                      flags, values, want_grad_logp, want_grad_entropy, backend):
-    grad_logp = _grad_buffer(logp, want_grad_logp, cu_seqlens)
-    grad_entropy = _grad_buffer(entropy if entropy is not None else logp, want_grad_entropy and entropy is not None,
-                                cu_seqlens)
-    o = _operands(logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy, cu_seqlens, flags, values,
-                  grad_logp if want_grad_logp else None,
-                  grad_entropy if (want_grad_entropy and entropy is not None) else None)
-    o.stats, o.coef = stats, coef
-    o.rows = _ext.empty((o.B, NUM_OUTPUTS), torch.float64, logp.device)
-    if o.B > 0:
-        LAUNCHERS[backend][1](o)
-    acc = torch.float64 if logp.dtype == torch.float64 else torch.float32
-    loss = o.rows[:, 0].sum().to(acc)
-    return loss, o.rows, grad_logp, grad_entropy
+def _policy_objective(launch):
+    def policy_objective(logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy, cu_seqlens, stats, coef,
+                         flags, values, want_grad_logp, want_grad_entropy):
+        want_h = want_grad_entropy and entropy is not None
+        grad_logp = _grad_buffer(logp, want_grad_logp, cu_seqlens)
+        grad_entropy = _grad_buffer(entropy if entropy is not None else logp, want_h, cu_seqlens)
+        o = _operands(logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy, cu_seqlens, flags, values,
+                      grad_logp if want_grad_logp else None, grad_entropy if want_h else None)
+        o.stats, o.coef = stats, coef
+        o.rows = _ext.empty((o.B, NUM_OUTPUTS), torch.float64, logp.device)
+        if o.B > 0:
+            launch(o)
+        acc = torch.float64 if logp.dtype == torch.float64 else torch.float32
+        loss = o.rows[:, 0].sum().to(acc)
+        return loss, o.rows, grad_logp, grad_entropy
+
+    return policy_objective
 
 
-@torch.library.custom_op("fusedrl::policy_objective", mutates_args=())
-def policy_objective_op(
-    logp: Tensor, old_logp: Tensor | None, advantages: Tensor, mask: Tensor, ref_logp: Tensor | None,
-    rollout_logp: Tensor | None, entropy: Tensor | None, cu_seqlens: Tensor | None, stats: Tensor | None,
-    coef: Tensor, flags: list[int], values: list[float], want_grad_logp: bool, want_grad_entropy: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(loss, rows, grad_logp, grad_entropy)``: the 0-dim loss, the per-row outputs [B, 9]
-    (float64; the Output enum of fusedrl/policy.h) and d loss / d logp, d loss / d entropy (empty
-    when not wanted)."""
-    return _policy_objective(logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy, cu_seqlens, stats,
-                             coef, flags, values, want_grad_logp, want_grad_entropy, backend)
-
-
-@policy_objective_op.register_fake
-def _(logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy, cu_seqlens, stats, coef, flags, values,
-      want_grad_logp, want_grad_entropy, backend):
+def _policy_objective_fake(logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy, cu_seqlens, stats, coef,
+                           flags, values, want_grad_logp, want_grad_entropy):
     acc = torch.float64 if logp.dtype == torch.float64 else torch.float32
     B = _rows(logp, cu_seqlens)
     g = logp.new_empty(logp.shape) if want_grad_logp else logp.new_empty((0,))
@@ -320,47 +302,31 @@ def _(logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy, cu_seql
 
 
 def _setup(ctx, inputs, output):
-    _, _, grad_logp, grad_entropy = output
+    _, rows, grad_logp, grad_entropy = output
+    ctx.mark_non_differentiable(rows, grad_logp, grad_entropy)
     ctx.save_for_backward(grad_logp, grad_entropy)
 
 
 def _backward(ctx, g_loss, g_rows, g_grad_logp, g_grad_entropy):
     grad_logp, grad_entropy = ctx.saved_tensors
-    dx = grad_logp * g_loss.to(grad_logp.dtype) if ctx.needs_input_grad[0] and grad_logp.numel() else None
-    dh = grad_entropy * g_loss.to(grad_entropy.dtype) if ctx.needs_input_grad[6] and grad_entropy.numel() else None
-    return dx, None, None, None, None, None, dh, None, None, None, None, None, None, None, None
+    dx = hand_over(grad_logp, g_loss) if ctx.needs_input_grad[0] and grad_logp.numel() else None
+    dh = hand_over(grad_entropy, g_loss) if ctx.needs_input_grad[6] and grad_entropy.numel() else None
+    return dx, None, None, None, None, None, dh, None, None, None, None, None, None, None
 
 
-policy_objective_op.register_autograd(_backward, setup_context=_setup)
-
-
-class _EagerObjective(torch.autograd.Function):
-    """The eager path (outside torch.compile): the same kernels as the ops without the custom-op
-    dispatch (a quarter of a millisecond per call). The gradient written in the forward is handed
-    to autograd in the backward without a copy: scaled in place by the upstream gradient (skipped
-    when it is 1), so one graph supports one backward (a second raises; the ops support more)."""
-
-    @staticmethod
-    def forward(ctx, logp, entropy, args):
-        loss, rows, grad_logp, grad_entropy = _policy_objective(logp, *args)
-        ctx.grads = (grad_logp, grad_entropy)
-        ctx.mark_non_differentiable(rows)
-        return loss, rows
-
-    @staticmethod
-    def backward(ctx, g_loss, g_rows):
-        if ctx.grads is None:
-            raise RuntimeError("fusedrl.policy_loss: its graph supports one backward pass (the gradient is handed "
-                               "over without a copy); call policy_loss again, or run it under torch.compile")
-        grads, ctx.grads = ctx.grads, None
-        scale_one = g_loss.device.type == "cpu" and float(g_loss) == 1.0
-        out = []
-        for g, wanted in zip(grads, ctx.needs_input_grad[:2]):
-            if not wanted or g.numel() == 0:
-                out.append(None)
-            else:
-                out.append(g if scale_one else g.mul_(g_loss.to(g.dtype)))
-        return out[0], out[1], None
+# Pass 2: ``(loss, rows, grad_logp, grad_entropy)``: the 0-dim loss, the per-row outputs [B, 9]
+# (float64; the Output enum of fusedrl/policy.h) and d loss / d logp, d loss / d entropy (empty
+# when not wanted), written in the same pass; the autograd formula scales them by the upstream
+# gradient (fusedrl.ops.library.hand_over).
+POLICY_OBJECTIVE = Op(
+    "policy_objective", "(Tensor logp, Tensor? old_logp, Tensor advantages, Tensor mask, Tensor? ref_logp, "
+    "Tensor? rollout_logp, Tensor? entropy, Tensor? cu_seqlens, Tensor? stats, Tensor coef, int[] flags, "
+    "float[] values, bool want_grad_logp, bool want_grad_entropy) -> (Tensor, Tensor, Tensor, Tensor)",
+    fake=_policy_objective_fake,
+    kernels={"cpu": _policy_objective(_cpu_loss), "cuda": _policy_objective(_cuda_loss),
+             "triton": _policy_objective(_triton_loss)},
+    setup_context=_setup, backward=_backward,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,7 +335,7 @@ class _EagerObjective(torch.autograd.Function):
 
 def _metrics(rows: Tensor, p, has_ref: bool, has_entropy: bool, dtype: torch.dtype) -> dict:
     total = rows.detach().sum(0)
-    means = (total / ref_agg.per_row_count(total[OUT["count"]])).to(dtype).unbind()  # one op for every view
+    means = (total / norm.divisor(total[OUT["count"]])).to(dtype).unbind()  # one op for every view
 
     def mean(key):
         return means[OUT[key]]
@@ -406,13 +372,12 @@ def fused_policy_loss(backend: str, logp, old_logp, advantages, mask, *, ref_log
     if p.entropy_aggregation is not None and p.entropy_coef != 0.0 and entropy is not None:
         modes.append(p.entropy_aggregation)
     norms = dict(num_tokens=num_tokens, num_sequences=num_sequences, exclude_empty_rows=p.exclude_empty_rows)
-    counts = any(ref_agg.needs_row_count(m, **norms) for m in modes)
+    counts = any(norm.needs_row_count(m, **norms) for m in modes)
     balanced = "balanced" in modes
     stats = None
     if needs_stats(p, coefficient_counts=counts, balanced=balanced):
-        stats_fn = policy_stats_op if torch.compiler.is_compiling() else _policy_stats
-        stats = stats_fn(logp.detach(), old_logp, advantages, mask, rollout_logp,
-                         None if entropy is None else entropy.detach(), cu_seqlens, flags, values, balanced, backend)
+        stats = POLICY_STATS(backend, logp.detach(), old_logp, advantages, mask, rollout_logp,
+                             None if entropy is None else entropy.detach(), cu_seqlens, flags, values, balanced)
     row_count = None if stats is None else stats[:, STAT["count"]]
     row_sign = None
     if balanced:
@@ -421,7 +386,7 @@ def fused_policy_loss(backend: str, logp, old_logp, advantages, mask, *, ref_log
         row_sign = torch.where(row_count > 0, torch.sign(sign_of), 0.0)
 
     def coefficients(mode):
-        return ref_agg.row_coefficients(
+        return norm.row_coefficients(
             mode, row_count, rows=B, length=None if cu_seqlens is not None else logp.shape[-1], dtype=torch.float64,
             device=logp.device, num_tokens=num_tokens, num_sequences=num_sequences, max_length=max_length,
             row_sign=row_sign, group_ids=group_ids, num_groups=num_groups, exclude_empty_rows=p.exclude_empty_rows,
@@ -435,13 +400,6 @@ def fused_policy_loss(backend: str, logp, old_logp, advantages, mask, *, ref_log
     coef = torch.stack([g, gk, ge], dim=1).contiguous()
     want_x = logp.requires_grad and torch.is_grad_enabled()
     want_h = entropy is not None and entropy.requires_grad and torch.is_grad_enabled()
-    if torch.compiler.is_compiling():
-        loss, rows, _, _ = policy_objective_op(
-            logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy, cu_seqlens, stats, coef, flags, values,
-            want_x, want_h, backend,
-        )
-    else:
-        args = (old_logp, advantages, mask, ref_logp, rollout_logp, entropy, cu_seqlens, stats, coef, flags, values,
-                want_x, want_h, backend)
-        loss, rows = _EagerObjective.apply(logp, entropy, args)
+    loss, rows, _, _ = POLICY_OBJECTIVE(backend, logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy,
+                                        cu_seqlens, stats, coef, flags, values, want_x, want_h)
     return loss, _metrics(rows, p, ref_logp is not None, entropy is not None, acc)

@@ -1,10 +1,10 @@
-"""Custom ops of the scan primitive: ``fusedrl::gae``, ``fusedrl::discounted_returns`` and
+"""Ops of the scan primitive: ``fusedrl::gae``, ``fusedrl::discounted_returns`` and
 ``fusedrl::masked_prefix_sum``.
 
 Masked scans along T of a padded ``[B, T]`` layout, one sequential walk per row, rows in parallel
 (spec: :mod:`fusedrl.reference.advantages` -- ``gae``, ``discounted_returns``, ``whiten``,
-``prefix_sum``). The ``backend`` argument names the kernel (``cpu``, ``cuda`` or ``triton``); the
-choice is made by :func:`fusedrl.dispatch.select` before the op is called. The outputs are
+``prefix_sum``). Each op is a :class:`fusedrl.ops.library.Op`: ``GAE(backend, ...)`` runs the kernel of the
+backend :func:`fusedrl.dispatch.select` chose. The outputs are
 constants (advantages and returns carry no gradient), so the ops have fake (meta) implementations
 and no autograd formula.
 
@@ -20,10 +20,10 @@ import torch
 from torch import Tensor
 
 from fusedrl import _ext
+from fusedrl.ops.library import Op
 
 # Mask element codes shared with csrc/cpu/scan.h (enum MaskCode).
 MASK_CODES = {torch.bool: 0, torch.uint8: 0, torch.int32: 1, torch.int64: 2, torch.float32: 3, torch.float64: 4}
-BACKENDS = ("cpu", "cuda", "triton", "torch")  # "torch" is served by fusedrl.reference directly
 
 
 def _out_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -102,13 +102,6 @@ def _triton_prefix(*args):
     k.prefix_sum(*args)
 
 
-LAUNCHERS = {
-    "cpu": (_cpu_reverse, _cpu_prefix),
-    "cuda": (_cuda_reverse, _cuda_prefix),
-    "triton": (_triton_reverse, _triton_prefix),
-}
-
-
 def _workspace(B: int, T: int, mask: Tensor, backend: str) -> Tensor:
     """Whitening workspace (float64 words). cpu: per row (n, k, s1, s2, lo, hi); cuda / triton: per
     row (n, mean, M2), then (mean, scale)."""
@@ -118,58 +111,67 @@ def _workspace(B: int, T: int, mask: Tensor, backend: str) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# The ops
+# The ops: one body each, given a backend's launcher (fusedrl.ops.library registers them per device)
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("fusedrl::gae", mutates_args=())
-def gae_op(
-    rewards: Tensor, values: Tensor, mask: Tensor, bootstrap: Tensor | None, gamma: float, lam: float, whiten: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    B, T = rewards.shape
-    dtype = _out_dtype(rewards.dtype)
-    adv = _ext.empty((B, T), dtype, rewards.device)
-    ret = _ext.empty((B, T), dtype, rewards.device)
-    if B > 0 and T > 0:
-        x, v = _inputs(rewards, values)
-        boot = None if bootstrap is None else bootstrap.to(dtype).contiguous()
-        m = _mask(mask)
-        ws = _workspace(B, T, m, backend) if whiten else None
-        LAUNCHERS[backend][0](x, v, m, boot, gamma, lam, adv, ret, whiten, ws)
-    return adv, ret
+def _gae(backend, reverse):
+    def gae(rewards, values, mask, bootstrap, gamma, lam, whiten):
+        B, T = rewards.shape
+        dtype = _out_dtype(rewards.dtype)
+        adv = _ext.empty((B, T), dtype, rewards.device)
+        ret = _ext.empty((B, T), dtype, rewards.device)
+        if B > 0 and T > 0:
+            x, v = _inputs(rewards, values)
+            boot = None if bootstrap is None else bootstrap.to(dtype).contiguous()
+            m = _mask(mask)
+            ws = _workspace(B, T, m, backend) if whiten else None
+            reverse(x, v, m, boot, gamma, lam, adv, ret, whiten, ws)
+        return adv, ret
+
+    return gae
 
 
-@gae_op.register_fake
-def _(rewards, values, mask, bootstrap, gamma, lam, whiten, backend):
+def _gae_fake(rewards, values, mask, bootstrap, gamma, lam, whiten):
     dtype = _out_dtype(rewards.dtype)
     return rewards.new_empty(rewards.shape, dtype=dtype), rewards.new_empty(rewards.shape, dtype=dtype)
 
 
-@torch.library.custom_op("fusedrl::discounted_returns", mutates_args=())
-def discounted_returns_op(rewards: Tensor, mask: Tensor, gamma: float, backend: str) -> Tensor:
-    B, T = rewards.shape
-    out = _ext.empty((B, T), _out_dtype(rewards.dtype), rewards.device)
-    if B > 0 and T > 0:
-        LAUNCHERS[backend][0](_rows(rewards), None, _mask(mask), None, gamma, 1.0, out, None, False, None)
-    return out
+def _discounted_returns(reverse):
+    def discounted_returns(rewards, mask, gamma):
+        B, T = rewards.shape
+        out = _ext.empty((B, T), _out_dtype(rewards.dtype), rewards.device)
+        if B > 0 and T > 0:
+            reverse(_rows(rewards), None, _mask(mask), None, gamma, 1.0, out, None, False, None)
+        return out
+
+    return discounted_returns
 
 
-@discounted_returns_op.register_fake
-def _(rewards, mask, gamma, backend):
-    return rewards.new_empty(rewards.shape, dtype=_out_dtype(rewards.dtype))
+def _prefix_sum(prefix):
+    def masked_prefix_sum(x, mask):
+        B, T = x.shape
+        out = _ext.empty((B, T), _out_dtype(x.dtype), x.device)
+        if B > 0 and T > 0:
+            prefix(_rows(x), _mask(mask), out)
+        return out
+
+    return masked_prefix_sum
 
 
-@torch.library.custom_op("fusedrl::masked_prefix_sum", mutates_args=())
-def masked_prefix_sum_op(x: Tensor, mask: Tensor, backend: str) -> Tensor:
-    B, T = x.shape
-    out = _ext.empty((B, T), _out_dtype(x.dtype), x.device)
-    if B > 0 and T > 0:
-        LAUNCHERS[backend][1](_rows(x), _mask(mask), out)
-    return out
-
-
-@masked_prefix_sum_op.register_fake
-def _(x, mask, backend):
+def _same_fake(x, *args):
     return x.new_empty(x.shape, dtype=_out_dtype(x.dtype))
+
+
+_REVERSE = {"cpu": _cpu_reverse, "cuda": _cuda_reverse, "triton": _triton_reverse}
+_PREFIX = {"cpu": _cpu_prefix, "cuda": _cuda_prefix, "triton": _triton_prefix}
+
+GAE = Op("gae", "(Tensor rewards, Tensor values, Tensor mask, Tensor? bootstrap, float gamma, float lam, "
+         "bool whiten) -> (Tensor, Tensor)", fake=_gae_fake,
+         kernels={b: _gae(b, f) for b, f in _REVERSE.items()})
+DISCOUNTED_RETURNS = Op("discounted_returns", "(Tensor rewards, Tensor mask, float gamma) -> Tensor",
+                        fake=_same_fake, kernels={b: _discounted_returns(f) for b, f in _REVERSE.items()})
+MASKED_PREFIX_SUM = Op("masked_prefix_sum", "(Tensor x, Tensor mask) -> Tensor", fake=_same_fake,
+                       kernels={b: _prefix_sum(f) for b, f in _PREFIX.items()})
+BACKENDS = GAE.backends  # "torch" is served by fusedrl.reference directly
 
 
 def masked_prefix_sum(x: Tensor, mask: Tensor, *, backend: str | None = None) -> Tensor:
@@ -183,4 +185,4 @@ def masked_prefix_sum(x: Tensor, mask: Tensor, *, backend: str | None = None) ->
     name = dispatch.select("masked_prefix_sum", BACKENDS, x.device, x.dtype, backend)
     if name == "torch":
         return ref.prefix_sum(x, mask != 0)
-    return masked_prefix_sum_op(x, mask, name)
+    return MASKED_PREFIX_SUM(name, x, mask)

@@ -1,4 +1,4 @@
-"""Custom op ``fusedrl::segment_stats``: per-group statistics of ``values [M, C]``.
+"""Op ``fusedrl::segment_stats``: per-group statistics of ``values [M, C]``.
 
 The outputs are those of :func:`fusedrl.reference.advantages.group_stats` (a
 :class:`~fusedrl.reference.advantages.GroupStats`): count ``[G, 1]``, mean, var, std, max, second
@@ -6,11 +6,11 @@ max, argmax and weighted mean ``[G, C]``, and the leave-one-out mean ``[M, C]``,
 accumulation dtype (float32; float64 for float64 values). Groups are either dense ids ``index [M]``
 in ``[0, G)`` or, with ``index=None``, contiguous runs of ``group_size`` rows (no index is read or
 built). The kernels reduce each group sequentially in row order (csrc/include/fusedrl/segments.h),
-so the results are the same under any thread count. ``backend`` names the kernel (``cpu``,
-``cuda`` or ``triton``); the choice is made by :func:`fusedrl.dispatch.select` before the op is
-called. No gradient: advantages are constants.
+so the results are the same under any thread count. ``SEGMENT_STATS(backend, ...)`` runs the kernel of
+the backend :func:`fusedrl.dispatch.select` chose (:class:`fusedrl.ops.library.Op`). No gradient:
+advantages are constants.
 
-Custom op ``fusedrl::group_advantages`` (CPU): the group estimators in one kernel call, from raw ids
+Op ``fusedrl::group_advantages`` (CPU): the group estimators in one kernel call, from raw ids
 or a fixed group size to per-row advantages (see :func:`group_advantages_op`).
 """
 
@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from fusedrl import _ext
+from fusedrl.ops.library import Op
 
 SINGLETON_CODES = {"verl": 0, "zero": 1}
-BACKENDS = ("cpu", "cuda", "triton", "torch")  # "torch" is the reference's group_stats
 
 
 def _out_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -68,7 +68,6 @@ def _triton(values, index, group_size, num_groups, weight, singleton, outs):
     k.segment_stats(values, offsets, order, group_size, num_groups, weight, SINGLETON_CODES[singleton], outs)
 
 
-LAUNCHERS = {"cpu": _cpu, "cuda": _cuda, "triton": _triton}
 
 
 def _fresh(shape, dtype, device):
@@ -89,20 +88,27 @@ def _empty_outputs(values: Tensor, num_groups: int, need_loo: bool, fresh):
     )
 
 
-@torch.library.custom_op("fusedrl::segment_stats", mutates_args=())
-def segment_stats_op(
-    values: Tensor, index: Tensor | None, group_size: int, num_groups: int, weight: Tensor | None, singleton: str,
-    need_loo: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    outs = _empty_outputs(values, num_groups, need_loo, _fresh)
-    if num_groups > 0:
-        LAUNCHERS[backend](values, index, group_size, num_groups, weight, singleton, outs)
-    return outs
+def _segment_stats(launch):
+    def segment_stats(values, index, group_size, num_groups, weight, singleton, need_loo):
+        outs = _empty_outputs(values, num_groups, need_loo, _fresh)
+        if num_groups > 0:
+            launch(values, index, group_size, num_groups, weight, singleton, outs)
+        return outs
+
+    return segment_stats
 
 
-@segment_stats_op.register_fake
-def _(values, index, group_size, num_groups, weight, singleton, need_loo, backend):
+def _segment_stats_fake(values, index, group_size, num_groups, weight, singleton, need_loo):
     return _empty_outputs(values, num_groups, need_loo, lambda shape, dt, dev: values.new_empty(shape, dtype=dt))
+
+
+SEGMENT_STATS = Op(
+    "segment_stats", "(Tensor values, Tensor? index, int group_size, int num_groups, Tensor? weight, str singleton, "
+    "bool need_loo) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    fake=_segment_stats_fake, kernels={"cpu": _segment_stats(_cpu), "cuda": _segment_stats(_cuda),
+                                       "triton": _segment_stats(_triton)},
+)
+BACKENDS = SEGMENT_STATS.backends  # "torch" is the reference's group_stats
 
 
 def group_stats(
@@ -133,8 +139,8 @@ def group_stats(
         group_size = 0
     if weight is not None:
         weight = weight.to(_out_dtype(values.dtype)).contiguous()
-    count, mean, var, std, loo, gmax, second, argmax, wmean = segment_stats_op(
-        values, index, int(group_size), int(num_groups), weight, singleton, bool(need_loo), backend
+    count, mean, var, std, loo, gmax, second, argmax, wmean = SEGMENT_STATS(
+        backend, values, index, int(group_size), int(num_groups), weight, singleton, bool(need_loo)
     )
     return GroupStats(count, mean, var, std, loo, gmax, second, argmax, wmean)
 
@@ -158,8 +164,7 @@ def group_advantages_cpu(
     """Per-row advantages ``[M]`` of ``rewards [M]`` or ``[M, K]`` (CPU kernel
     ``group_advantages_cpu``): see :func:`fusedrl.advantages.group_advantages`, whose inputs are
     validated before this is called. ``finish``: None, ``"whiten"`` or ``"batch_normalize"``. The
-    body of the op ``fusedrl::group_advantages``; eager callers call it directly (the custom-op
-    dispatch costs about 0.1 ms, as much as the kernel at 65,536 rows)."""
+    CPU kernel of the op ``fusedrl::group_advantages`` (:data:`GROUP_ADVANTAGES`)."""
     if rewards.dim() == 2:
         (M, K), (row_stride, col_stride) = rewards.shape, rewards.stride()
     else:
@@ -179,17 +184,13 @@ def group_advantages_cpu(
     return out
 
 
-@torch.library.custom_op("fusedrl::group_advantages", mutates_args=())
-def group_advantages_op(
-    rewards: Tensor, group_ids: Tensor | None, group_size: int, weight: Tensor | None, estimator: str, scale: str,
-    eps: float, singleton: str, combine: str | None, finish: str | None, weights: list[float], ideal: list[float],
-    var_coef: float,
-) -> Tensor:
-    """:func:`group_advantages_cpu` as a custom op (what torch.compile sees)."""
-    return group_advantages_cpu(rewards, group_ids, group_size, weight, estimator, scale, eps, singleton, combine,
-                                finish, weights, ideal, var_coef)
-
-
-@group_advantages_op.register_fake
-def _(rewards, group_ids, group_size, weight, estimator, scale, eps, singleton, combine, finish, weights, ideal, var_coef):
+def _group_advantages_fake(rewards, group_ids, group_size, weight, estimator, scale, eps, singleton, combine, finish,
+                           weights, ideal, var_coef):
     return rewards.new_empty(rewards.shape[0], dtype=_out_dtype(rewards.dtype))
+
+
+GROUP_ADVANTAGES = Op(
+    "group_advantages", "(Tensor rewards, Tensor? group_ids, int group_size, Tensor? weight, str estimator, str scale, "
+    "float eps, str singleton, str? combine, str? finish, float[] weights, float[] ideal, float var_coef) -> Tensor",
+    fake=_group_advantages_fake, kernels={"cpu": group_advantages_cpu},
+)

@@ -1,12 +1,12 @@
-"""Custom op of the clipped value loss: ``fusedrl::value_objective`` (one pass: the loss, the
-per-row metric sums and d loss / d values; registered autograd scales the saved gradient by the
-upstream one).
+"""Op of the clipped value loss: ``fusedrl::value_objective`` (one pass: the loss, the per-row
+metric sums and d loss / d values; registered autograd scales the saved gradient by the upstream
+one). A :class:`fusedrl.ops.library.Op`: ``VALUE_OBJECTIVE(backend, ...)``.
 
 Spec: :mod:`fusedrl.reference.value`; per-token math: csrc/include/fusedrl/value.h. Before the
-pass, :func:`fusedrl.reference.aggregate.row_coefficients` (the one place where normalizers are
-written) turns the row counts into the per-row coefficients the kernel weighs each token with.
+pass, :func:`fusedrl.ops.normalizers.row_coefficients` (the one place where the kernel paths
+normalize) turns the row counts into the per-row coefficients the kernel weighs each token with.
 The row counts (sum_t m) are read from the mask here, and only when the aggregation needs them
-(:func:`fusedrl.reference.aggregate.needs_row_count`): a value loss has no other row statistic, so
+(:func:`fusedrl.ops.normalizers.needs_row_count`): a value loss has no other row statistic, so
 no statistics kernel.
 
 Layouts and operands as :mod:`fusedrl.ops.policy`: padded ``[B, T]`` or packed ``[1, N]`` / ``[N]``
@@ -21,7 +21,9 @@ import torch
 from torch import Tensor
 
 from fusedrl import _ext
+from fusedrl.ops.library import Op, hand_over
 from fusedrl.ops import policy as _policy_ops
+from fusedrl.ops import normalizers as norm
 from fusedrl.reference import aggregate as ref_agg
 
 NUM_OUTPUTS = 4
@@ -78,41 +80,30 @@ def _triton_loss(o: Operands):
     k.value_loss(o)
 
 
-LAUNCHERS = {"cpu": _cpu_loss, "cuda": _cuda_loss, "triton": _triton_loss}
-
-
 def _rows(values: Tensor, cu_seqlens: Tensor | None) -> int:
     return cu_seqlens.numel() - 1 if cu_seqlens is not None else values.shape[0]
 
 
-def _value_objective(values, old_values, returns, mask, cu_seqlens, coef, flags, opts, want_grad, backend):
-    packed = cu_seqlens is not None
-    grad = _policy_ops._grad_buffer(values, want_grad, cu_seqlens)
-    tensors = dict(values=values, old_values=old_values, returns=returns, mask=_policy_ops._mask(mask),
-                   grad=grad if want_grad else None)
-    strides = {k: _policy_ops._strides(t, False, packed) for k, t in tensors.items() if t is not None}
-    B, T = (cu_seqlens.numel() - 1, values.shape[-1]) if packed else values.shape
-    o = Operands(tensors, strides, cu_seqlens, B, T, list(flags), list(opts), coef)
-    o.rows = _ext.empty((B, NUM_OUTPUTS), torch.float64, values.device)
-    if B > 0:
-        LAUNCHERS[backend](o)
-    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
-    loss = o.rows[:, 0].sum().to(acc)
-    return loss, o.rows, grad
+def _value_objective(launch):
+    def value_objective(values, old_values, returns, mask, cu_seqlens, coef, flags, opts, want_grad):
+        packed = cu_seqlens is not None
+        grad = _policy_ops._grad_buffer(values, want_grad, cu_seqlens)
+        tensors = dict(values=values, old_values=old_values, returns=returns, mask=_policy_ops._mask(mask),
+                       grad=grad if want_grad else None)
+        strides = {k: _policy_ops._strides(t, False, packed) for k, t in tensors.items() if t is not None}
+        B, T = (cu_seqlens.numel() - 1, values.shape[-1]) if packed else values.shape
+        o = Operands(tensors, strides, cu_seqlens, B, T, list(flags), list(opts), coef)
+        o.rows = _ext.empty((B, NUM_OUTPUTS), torch.float64, values.device)
+        if B > 0:
+            launch(o)
+        acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+        loss = o.rows[:, 0].sum().to(acc)
+        return loss, o.rows, grad
+
+    return value_objective
 
 
-@torch.library.custom_op("fusedrl::value_objective", mutates_args=())
-def value_objective_op(
-    values: Tensor, old_values: Tensor | None, returns: Tensor, mask: Tensor, cu_seqlens: Tensor | None, coef: Tensor,
-    flags: list[int], opts: list[float], want_grad: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(loss, rows, grad)``: the 0-dim loss, the per-row outputs [B, 4] (float64; the Output enum
-    of fusedrl/value.h) and d loss / d values (empty when not wanted)."""
-    return _value_objective(values, old_values, returns, mask, cu_seqlens, coef, flags, opts, want_grad, backend)
-
-
-@value_objective_op.register_fake
-def _(values, old_values, returns, mask, cu_seqlens, coef, flags, opts, want_grad, backend):
+def _value_objective_fake(values, old_values, returns, mask, cu_seqlens, coef, flags, opts, want_grad):
     acc = torch.float64 if values.dtype == torch.float64 else torch.float32
     B = _rows(values, cu_seqlens)
     g = values.new_empty(values.shape) if want_grad else values.new_empty((0,))
@@ -120,41 +111,26 @@ def _(values, old_values, returns, mask, cu_seqlens, coef, flags, opts, want_gra
 
 
 def _setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1], output[2])
     ctx.save_for_backward(output[2])
 
 
 def _backward(ctx, g_loss, g_rows, g_grad):
     (grad,) = ctx.saved_tensors
-    dv = grad * g_loss.to(grad.dtype) if ctx.needs_input_grad[0] and grad.numel() else None
-    return dv, None, None, None, None, None, None, None, None, None
+    dv = hand_over(grad, g_loss) if ctx.needs_input_grad[0] and grad.numel() else None
+    return dv, None, None, None, None, None, None, None, None
 
 
-value_objective_op.register_autograd(_backward, setup_context=_setup)
-
-
-class _EagerObjective(torch.autograd.Function):
-    """The eager path (outside torch.compile), as :class:`fusedrl.ops.policy._EagerObjective`: the
-    same kernel without the custom-op dispatch; the gradient written in the forward is handed to
-    autograd without a copy, so one graph supports one backward."""
-
-    @staticmethod
-    def forward(ctx, values, args):
-        loss, rows, grad = _value_objective(values, *args)
-        ctx.grad = grad
-        ctx.mark_non_differentiable(rows)
-        return loss, rows
-
-    @staticmethod
-    def backward(ctx, g_loss, g_rows):
-        if ctx.grad is None:
-            raise RuntimeError("fusedrl.value_loss: its graph supports one backward pass (the gradient is handed "
-                               "over without a copy); call value_loss again, or run it under torch.compile")
-        grad, ctx.grad = ctx.grad, None
-        if not ctx.needs_input_grad[0] or grad.numel() == 0:
-            return None, None
-        if g_loss.device.type == "cpu" and float(g_loss) == 1.0:
-            return grad, None
-        return grad.mul_(g_loss.to(grad.dtype)), None
+# ``(loss, rows, grad)``: the 0-dim loss, the per-row outputs [B, 4] (float64; the Output enum of
+# fusedrl/value.h) and d loss / d values (empty when not wanted), written in the same pass.
+VALUE_OBJECTIVE = Op(
+    "value_objective", "(Tensor values, Tensor? old_values, Tensor returns, Tensor mask, Tensor? cu_seqlens, "
+    "Tensor coef, int[] flags, float[] opts, bool want_grad) -> (Tensor, Tensor, Tensor)",
+    fake=_value_objective_fake,
+    kernels={"cpu": _value_objective(_cpu_loss), "cuda": _value_objective(_cuda_loss),
+             "triton": _value_objective(_triton_loss)},
+    setup_context=_setup, backward=_backward,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +149,7 @@ def row_counts(mask: Tensor, cu_seqlens: Tensor | None) -> Tensor:
 
 def _metrics(rows: Tensor, has_clip: bool, dtype: torch.dtype) -> dict:
     total = rows.detach().sum(0)
-    means = (total / ref_agg.per_row_count(total[OUT["count"]])).to(dtype).unbind()
+    means = (total / norm.divisor(total[OUT["count"]])).to(dtype).unbind()
     metrics = {"clipfrac": means[OUT["clipped"]]} if has_clip else {}
     metrics["values_mean"] = means[OUT["values"]]
     return metrics
@@ -190,19 +166,14 @@ def fused_value_loss(backend: str, values, old_values, returns, mask, *, cu_seql
     returns = returns.detach()
     B = _rows(values, cu_seqlens)
     acc = torch.float64 if values.dtype == torch.float64 else torch.float32
-    needs = ref_agg.needs_row_count(aggregation, num_tokens=num_tokens, num_sequences=num_sequences,
+    needs = norm.needs_row_count(aggregation, num_tokens=num_tokens, num_sequences=num_sequences,
                                     exclude_empty_rows=exclude_empty_rows)
     count = row_counts(mask, cu_seqlens) if needs else None
-    coef = ref_agg.row_coefficients(
+    coef = norm.row_coefficients(
         aggregation, count, rows=B, length=None if cu_seqlens is not None else values.shape[-1], dtype=torch.float64,
         device=values.device, num_tokens=num_tokens, num_sequences=num_sequences, max_length=max_length,
         exclude_empty_rows=exclude_empty_rows,
     ).contiguous()
     want = values.requires_grad and torch.is_grad_enabled()
-    if torch.compiler.is_compiling():
-        loss, rows, _ = value_objective_op(values, old_values, returns, mask, cu_seqlens, coef, flags, opts, want,
-                                           backend)
-    else:
-        args = (old_values, returns, mask, cu_seqlens, coef, flags, opts, want, backend)
-        loss, rows = _EagerObjective.apply(values, args)
+    loss, rows, _ = VALUE_OBJECTIVE(backend, values, old_values, returns, mask, cu_seqlens, coef, flags, opts, want)
     return loss, _metrics(rows, clip is not None, acc)

@@ -1,5 +1,6 @@
-"""Reference aggregation of a per-token loss into a scalar: the one place where every objective is
-normalized.
+"""Reference aggregation of a per-token loss into a scalar: the spec of every normalization (the
+reference objectives all aggregate here; the fused kernels' per-row coefficients are written once in
+python/fusedrl/ops/normalizers.py and tested against this).
 
 Notation: l_it the per-token values, m_it the mask (bool/int: 1 = the token counts; float: a
 per-token weight; 0 = padding), |y_i| = sum_t m_it, B = rows of the batch, T = padded length.
@@ -105,92 +106,6 @@ def sequence_sign(advantages: torch.Tensor, mask: torch.Tensor, row_count: torch
     return torch.where(row_count > 0, torch.sign(adv), 0.0)
 
 
-def balanced_coefficients(row_count, row_sign, group_ids=None, num_groups=None) -> torch.Tensor:
-    """Per-row coefficients of balanced aggregation (our reading; module docstring): a row of sign
-    +1 in group g weighs (n+_g / n_g) / (sum m over g's positive rows) / G, likewise for -1."""
-    dtype = row_count.dtype
-    if group_ids is None:
-        inverse = torch.zeros(row_count.shape[0], dtype=torch.long, device=row_count.device)
-        n_groups = 1
-    else:
-        uniques, inverse = torch.unique(group_ids, return_inverse=True)
-        n_groups = uniques.numel()
-
-    def per_group(x):
-        return torch.zeros(n_groups, dtype=dtype, device=row_count.device).index_add(0, inverse, x)
-
-    sides = [(row_sign > 0).to(dtype), (row_sign < 0).to(dtype)]
-    n_side = [per_group(side) for side in sides]
-    n_safe = per_row_count(n_side[0] + n_side[1])
-    coef = torch.zeros_like(row_count)
-    for side, n_s in zip(sides, n_side):
-        share = n_s / n_safe / per_row_count(per_group(row_count * side))
-        coef = coef + side * share[inverse]
-    return coef / normalizer(num_groups, ((n_side[0] + n_side[1]) > 0).sum().to(dtype))
-
-
-def row_coefficients(
-    mode: str,
-    row_count: torch.Tensor | None,
-    *,
-    rows: int,
-    length: int | None,
-    dtype: torch.dtype,
-    device,
-    num_tokens=None,
-    num_sequences=None,
-    max_length=None,
-    row_sign: torch.Tensor | None = None,
-    group_ids: torch.Tensor | None = None,
-    num_groups=None,
-    exclude_empty_rows: bool = False,
-) -> torch.Tensor:
-    """The normalization of every mode, written once: coefficients g [rows] such that the loss of
-    ``mode`` is sum_i g_i sum_t m_it l_it (the fused kernels take g; :func:`aggregate` uses it too).
-
-    ``row_count`` (sum_t m per row) may be None when the mode does not need it (see
-    :func:`needs_row_count`); ``length`` is the padded T (None: a packed layout, where
-    ``seq-mean-token-sum-norm`` needs ``max_length``); ``row_sign`` (balanced) is
-    :func:`sequence_sign`.
-    """
-    def full(value):  # one coefficient for every row: a broadcast view
-        return torch.as_tensor(value, dtype=dtype, device=device).reshape(1).expand(rows)
-
-    if mode == "token-mean":
-        local = row_count.sum() if num_tokens is None else torch.zeros((), dtype=dtype, device=device)
-        return full(1.0 / normalizer(num_tokens, local))
-    if mode == "token-sum":
-        return full(torch.ones((), dtype=dtype, device=device))
-    if mode == "balanced":
-        return balanced_coefficients(row_count, row_sign, group_ids, num_groups)
-    if num_sequences is not None or not exclude_empty_rows:
-        default = torch.tensor(float(rows), dtype=dtype, device=device)
-    else:
-        default = sequence_count(row_count, exclude_empty_rows)
-    sequences = normalizer(num_sequences, default)
-    if mode == "seq-mean-token-mean":
-        return 1.0 / (per_row_count(row_count) * sequences)
-    if mode == "seq-mean-token-sum":
-        return full(1.0 / sequences)
-    if mode == "seq-mean-token-sum-norm":
-        if max_length is None and length is None:
-            raise ValueError("aggregation='seq-mean-token-sum-norm' needs max_length in the packed layout")
-        padded = torch.tensor(float(1 if length is None else length), dtype=dtype, device=device)
-        return full(1.0 / (sequences * normalizer(max_length, padded)))
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-
-
-def needs_row_count(mode: str, *, num_tokens=None, num_sequences=None, exclude_empty_rows: bool = False) -> bool:
-    """Whether :func:`row_coefficients` of ``mode`` reads the per-row token counts."""
-    if mode == "token-mean":
-        return num_tokens is None
-    if mode in ("token-sum",):
-        return False
-    if mode in ("balanced", "seq-mean-token-mean"):
-        return True
-    return exclude_empty_rows and num_sequences is None
-
-
 def aggregate(
     values: torch.Tensor,
     mask: torch.Tensor,
@@ -204,22 +119,51 @@ def aggregate(
     num_groups=None,
     exclude_empty_rows: bool = False,
 ) -> torch.Tensor:
-    """Scalar loss of the per-token ``values`` [B, T] under ``mask`` by ``mode`` (module docstring):
-    sum_i g_i (sum_t m_it l_it) with g = :func:`row_coefficients`.
+    """Scalar loss of the per-token ``values`` [B, T] under ``mask`` by ``mode``: each mode computed
+    from its formula in the module docstring (the spec the kernels' per-row coefficients,
+    python/fusedrl/ops/normalizers.py, are tested against).
 
     float32 accumulation (float64 for float64 values); differentiable w.r.t. ``values``.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     row_sum, row_count = row_sums(values, mask)
-    row_sign = None
+    dtype, device = row_sum.dtype, row_sum.device
+    if mode == "token-mean":
+        return row_sum.sum() / normalizer(num_tokens, row_count.sum())
+    if mode == "token-sum":
+        return row_sum.sum()
     if mode == "balanced":
         if advantages is None:
             raise ValueError("advantages are required by mode='balanced' (the sign of each sequence)")
-        row_sign = sequence_sign(advantages, mask, row_count)
-    coef = row_coefficients(
-        mode, row_count, rows=row_sum.shape[0], length=mask.shape[-1], dtype=row_sum.dtype, device=row_sum.device,
-        num_tokens=num_tokens, num_sequences=num_sequences, max_length=max_length, row_sign=row_sign,
-        group_ids=group_ids, num_groups=num_groups, exclude_empty_rows=exclude_empty_rows,
-    )
-    return (row_sum * coef).sum()
+        return balanced(row_sum, row_count, sequence_sign(advantages, mask, row_count), group_ids, num_groups)
+    rows = torch.tensor(float(row_sum.shape[0]), dtype=dtype, device=device)
+    default = sequence_count(row_count, exclude_empty_rows) if num_sequences is None else rows
+    sequences = normalizer(num_sequences, default)
+    if mode == "seq-mean-token-mean":
+        return (row_sum / per_row_count(row_count)).sum() / sequences
+    if mode == "seq-mean-token-sum":
+        return row_sum.sum() / sequences
+    length = torch.tensor(float(mask.shape[-1]), dtype=dtype, device=device)
+    return row_sum.sum() / (sequences * normalizer(max_length, length))  # seq-mean-token-sum-norm
+
+
+def balanced(row_sum, row_count, row_sign, group_ids=None, num_groups=None) -> torch.Tensor:
+    """(1/G) sum_g L_g of balanced aggregation (module docstring) from the per-row sums, counts and
+    signs; ``group_ids`` None: one group."""
+    dtype = row_sum.dtype
+    if group_ids is None:
+        inverse, n_groups = torch.zeros(row_sum.shape[0], dtype=torch.long, device=row_sum.device), 1
+    else:
+        uniques, inverse = torch.unique(group_ids, return_inverse=True)
+        n_groups = uniques.numel()
+
+    def group_sum(x):
+        return torch.zeros(n_groups, dtype=dtype, device=row_sum.device).index_add(0, inverse, x)
+
+    pos, neg = (row_sign > 0).to(dtype), (row_sign < 0).to(dtype)
+    n_pos, n_neg = group_sum(pos), group_sum(neg)
+    n = per_row_count(n_pos + n_neg)
+    loss_g = (n_pos / n) * group_sum(row_sum * pos) / per_row_count(group_sum(row_count * pos)) + (
+        n_neg / n) * group_sum(row_sum * neg) / per_row_count(group_sum(row_count * neg))
+    return loss_g.sum() / normalizer(num_groups, ((n_pos + n_neg) > 0).sum().to(dtype))
