@@ -511,9 +511,9 @@ def policy_loss(
     against the reference's aggregation). The kernels run as the torch operators
     ``fusedrl::policy_stats`` and ``fusedrl::policy_objective`` (:mod:`fusedrl.ops.library`), in
     eager mode and under ``torch.compile`` alike (no graph break). The gradient written in the
-    forward is handed to autograd without a copy when the upstream gradient is 1 (a plain
-    ``loss.backward()`` on CPU), else scaled by it. The ``torch`` backend runs the reference
-    (:mod:`fusedrl.reference.policy`).
+    forward is handed to autograd without a copy (scaled by the upstream gradient unless that is
+    1), so one graph supports one backward (a second raises a RuntimeError). The ``torch`` backend
+    runs the reference (:mod:`fusedrl.reference.policy`).
 
     Layouts: padded [B, T] with ``mask``, or verl's remove-padding layout: ``logp`` and the other
     per-token tensors [1, N] (or [N]), ``cu_seqlens`` int32/int64 [S + 1] (starting at 0,

@@ -75,8 +75,8 @@ def value_loss(
     it), accumulating in float32 (float64 for float64 ``values``); the per-row normalizers come
     from :func:`fusedrl.ops.normalizers.row_coefficients` (tested against the reference's
     aggregation). The kernel runs as the torch operator ``fusedrl::value_objective`` in eager mode
-    and under ``torch.compile`` alike (no graph break); the gradient is handed over without a copy
-    when the upstream gradient is 1 (CPU). The ``torch`` backend runs
+    and under ``torch.compile`` alike (no graph break); the gradient is handed over without a copy,
+    so one graph supports one backward. The ``torch`` backend runs
     :mod:`fusedrl.reference.value`.
 
     Edge cases: padded tokens (m = 0) never contribute, whatever their values (inf or NaN

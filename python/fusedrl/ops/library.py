@@ -18,11 +18,12 @@ break). The ``torch`` backend is the plain-PyTorch reference, which needs no ope
 
 Autograd: an op with a formula (:meth:`Op.__init__` ``backward`` / ``setup_context``, with the
 signatures of ``torch.library.register_autograd``) has it registered as the Autograd kernel of both
-overloads; eager calls and compiled graphs run the same formula. An op without one (statistics, scans, backward kernels, launches into
-preallocated buffers) is a constant of autograd; in eager mode its call goes straight to the
-registered kernel function (the dispatcher would find the same one), which keeps a small call at
-the cost of the kernel itself; traced calls (torch.compile, fake or functional tensors) always go
-through the operator.
+overloads: one autograd.Function per overload, for eager calls and compiled graphs alike. In eager
+mode :meth:`Op.__call__` skips the dispatcher (it would find the same kernel): it applies that
+autograd.Function with the device kernel itself, or, for an op without a formula (statistics,
+scans, backward kernels, launches into preallocated buffers: constants of autograd), calls the
+kernel; a call on a small batch then costs little more than its kernel. Traced calls
+(torch.compile, fake or functional tensors) always go through the operator.
 """
 
 from __future__ import annotations
@@ -65,13 +66,14 @@ class Op:
         self.differentiable = backward is not None
         # the fake of each overload, looked up at call time (tests replace it to run kernels on fake tensors)
         self.fakes = {}
+        self.functions = {}  # overload -> the autograd.Function of the formula
         for overload in sorted({OVERLOAD[b] for b in kernels}):
             qualname = f"fusedrl::{name}" if overload == "default" else f"fusedrl::{name}.{overload}"
             LIB.define(qualname.split("::")[1] + schema)
             self.fakes[overload] = fake
             torch.library.register_fake(qualname, _deferred(self.fakes, overload), lib=LIB)
             if backward is not None:
-                _register_autograd(qualname, overload, setup_context, backward)
+                self.functions[overload] = _register_autograd(qualname, overload, setup_context, backward)
         for backend, fn in kernels.items():
             qualname = f"fusedrl::{name}" + ("" if OVERLOAD[backend] == "default" else f".{OVERLOAD[backend]}")
             torch.library.register_kernel(qualname, DEVICES[backend], fn, lib=LIB)
@@ -81,9 +83,13 @@ class Op:
         OPS[name] = self
 
     def __call__(self, backend: str, *args):
-        if not self.differentiable and not torch.compiler.is_compiling() and not any(map(_traced_arg, args)):
-            return self.kernels[backend](*args)
-        return self.overloads[backend](*args)
+        if torch.compiler.is_compiling() or any(map(_traced_arg, args)):
+            return self.overloads[backend](*args)
+        # eager: the registered kernel without the dispatcher; a differentiable op through the same
+        # autograd.Function that its Autograd kernel applies
+        if self.differentiable and torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return self.functions[OVERLOAD[backend]].apply(*args, self.kernels[backend])
+        return self.kernels[backend](*args)
 
     def overload(self, backend: str) -> torch._ops.OpOverload:
         """The torch operator that runs ``backend`` (for torch.library.opcheck and torch.compile)."""
@@ -97,18 +103,19 @@ def _deferred(fakes: dict, overload: str):
     return fake
 
 
-def _register_autograd(qualname: str, overload: str, setup_context: Callable, backward: Callable) -> None:
+def _register_autograd(qualname: str, overload: str, setup_context: Callable, backward: Callable):
     """The autograd formula as the operator's Autograd kernel: what ``torch.library.register_autograd``
     registers (an autograd.Function that redispatches below autograd), without its per-call
     re-binding of the arguments to the schema (our schemas have no defaults), which costs more than
-    a small kernel."""
+    a small kernel. Returns the autograd.Function, whose last input is what runs the forward: the
+    redispatch (the Autograd kernel) or the device kernel itself (:meth:`Op.__call__` in eager mode)."""
     op = torch._library.utils.lookup_op(qualname)
     below = torch._C._after_autograd_keyset
 
-    def forward(ctx, *args_keyset):  # the keyset last, as register_autograd's: backward returns None for it
-        *args, keyset = args_keyset
-        with torch._C._AutoDispatchBelowAutograd():
-            output = op.redispatch(keyset & below, *args)
+    def forward(ctx, *args_run):  # ``run`` last, as register_autograd's metadata: backward returns None for it
+        *args, run = args_run
+        output = run(*args)
+        ctx.set_materialize_grads(False)  # outputs without a gradient (metrics, buffers) get None, not zeros
         ctx.overload = overload
         setup_context(ctx, args, output)
         return output
@@ -125,12 +132,16 @@ def _register_autograd(qualname: str, overload: str, setup_context: Callable, ba
                     {"forward": staticmethod(forward), "backward": staticmethod(backward_)})
 
     def autograd_kernel(keyset, *args):
+        def redispatch(*a):
+            with torch._C._AutoDispatchBelowAutograd():
+                return op.redispatch(keyset & below, *a)
+
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
-            return function.apply(*args, keyset)
-        with torch._C._AutoDispatchBelowAutograd():
-            return op.redispatch(keyset & below, *args)
+            return function.apply(*args, redispatch)
+        return redispatch(*args)
 
     LIB.impl(qualname.split("::")[1], autograd_kernel, "Autograd", with_keyset=True)
+    return function
 
 
 def backend_of(ctx, tensor: torch.Tensor) -> str:
@@ -139,11 +150,22 @@ def backend_of(ctx, tensor: torch.Tensor) -> str:
     return "triton" if ctx.overload == "triton" else tensor.device.type
 
 
-def hand_over(grad: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
-    """``grad * upstream`` for a kernel's d loss / d x written in the forward (for an upstream
-    gradient of 1). In eager mode a CPU upstream gradient of exactly 1 (``loss.backward()``) hands
-    the saved tensor itself to autograd: no copy, and nothing is modified, so a retained graph can
-    run backward again. Otherwise (a scaled loss, CUDA, or traced by torch.compile) the product."""
+def hand_over(ctx, what: str) -> tuple:
+    """In a backward formula: the gradients its setup_context put in ``ctx.handed`` (the kernel's
+    d loss / d x for an upstream gradient of 1), released from ``ctx`` so that autograd can take
+    them without a copy. A graph therefore supports one backward pass; a second raises a
+    RuntimeError naming ``what`` (the public function)."""
+    handed = getattr(ctx, "handed", None)
+    if handed is None:
+        raise RuntimeError(f"{what}: its graph supports one backward pass (the gradient is handed over without a "
+                           f"copy); call {what} again for another backward")
+    ctx.handed = None
+    return handed
+
+
+def scaled(grad: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
+    """``grad * upstream``: ``grad`` itself for a CPU upstream gradient of exactly 1 in eager mode
+    (``loss.backward()``: no copy), else the product (a scaled loss, CUDA, or traced)."""
     if not (_traced(grad) or _traced(upstream)) and upstream.device.type == "cpu" and float(upstream) == 1.0:
         return grad
     return grad * upstream.to(grad.dtype)

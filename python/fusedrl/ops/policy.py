@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fusedrl import _ext
-from fusedrl.ops.library import Op, hand_over
+from fusedrl.ops.library import Op, hand_over, scaled
 from fusedrl.ops import normalizers as norm
 from fusedrl.reference import aggregate as ref_agg
 
@@ -304,20 +304,22 @@ def _policy_objective_fake(logp, old_logp, advantages, mask, ref_logp, rollout_l
 def _setup(ctx, inputs, output):
     _, rows, grad_logp, grad_entropy = output
     ctx.mark_non_differentiable(rows, grad_logp, grad_entropy)
-    ctx.save_for_backward(grad_logp, grad_entropy)
+    ctx.handed = (grad_logp, grad_entropy)  # not saved_tensors: hand_over releases them (no copy)
 
 
 def _backward(ctx, g_loss, g_rows, g_grad_logp, g_grad_entropy):
-    grad_logp, grad_entropy = ctx.saved_tensors
-    dx = hand_over(grad_logp, g_loss) if ctx.needs_input_grad[0] and grad_logp.numel() else None
-    dh = hand_over(grad_entropy, g_loss) if ctx.needs_input_grad[6] and grad_entropy.numel() else None
+    grad_logp, grad_entropy = hand_over(ctx, "fusedrl.policy_loss")
+    if g_loss is None:  # no gradient reached the loss (gradients are not materialized as zeros)
+        return (None,) * 14
+    dx = scaled(grad_logp, g_loss) if ctx.needs_input_grad[0] and grad_logp.numel() else None
+    dh = scaled(grad_entropy, g_loss) if ctx.needs_input_grad[6] and grad_entropy.numel() else None
     return dx, None, None, None, None, None, dh, None, None, None, None, None, None, None
 
 
 # Pass 2: ``(loss, rows, grad_logp, grad_entropy)``: the 0-dim loss, the per-row outputs [B, 9]
 # (float64; the Output enum of fusedrl/policy.h) and d loss / d logp, d loss / d entropy (empty
 # when not wanted), written in the same pass; the autograd formula scales them by the upstream
-# gradient (fusedrl.ops.library.hand_over).
+# gradient (fusedrl.ops.library.hand_over, scaled).
 POLICY_OBJECTIVE = Op(
     "policy_objective", "(Tensor logp, Tensor? old_logp, Tensor advantages, Tensor mask, Tensor? ref_logp, "
     "Tensor? rollout_logp, Tensor? entropy, Tensor? cu_seqlens, Tensor? stats, Tensor coef, int[] flags, "

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from fusedrl import _ext
-from fusedrl.ops.library import Op, hand_over
+from fusedrl.ops.library import Op, hand_over, scaled
 from fusedrl.ops import policy as _policy_ops
 from fusedrl.ops import normalizers as norm
 from fusedrl.reference import aggregate as ref_agg
@@ -112,12 +112,14 @@ def _value_objective_fake(values, old_values, returns, mask, cu_seqlens, coef, f
 
 def _setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1], output[2])
-    ctx.save_for_backward(output[2])
+    ctx.handed = (output[2],)  # not saved_tensors: hand_over releases it (no copy)
 
 
 def _backward(ctx, g_loss, g_rows, g_grad):
-    (grad,) = ctx.saved_tensors
-    dv = hand_over(grad, g_loss) if ctx.needs_input_grad[0] and grad.numel() else None
+    (grad,) = hand_over(ctx, "fusedrl.value_loss")
+    if g_loss is None:  # no gradient reached the loss (gradients are not materialized as zeros)
+        return (None,) * 9
+    dv = scaled(grad, g_loss) if ctx.needs_input_grad[0] and grad.numel() else None
     return dv, None, None, None, None, None, None, None, None
 
 
