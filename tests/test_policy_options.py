@@ -1,8 +1,8 @@
-"""The fused policy objective's options are one list of names: csrc/include/fusedrl/policy.h
-(FUSEDRL_POLICY_INT_OPTIONS / FUSEDRL_POLICY_FLOAT_OPTIONS: the C++ struct and the binding's
-reading), python/fusedrl/ops/policy.py (INT_OPTIONS / FLOAT_OPTIONS: the packing) and the Triton
-kernels' parameters (python/fusedrl/kernels/policy.py). Each test fails when one of them gains,
-loses, renames or reorders an option without the others."""
+"""The options of the policy and value kernels are each one list of names: the X-macros of
+csrc/include/fusedrl/policy.h and value.h (the C++ struct and the binding's reading),
+INT_OPTIONS / FLOAT_OPTIONS of python/fusedrl/ops/policy.py and ops/value.py (the packing) and the
+Triton kernels' parameters (python/fusedrl/kernels/policy.py, value.py). Each test fails when one of
+them gains, loses, renames or reorders an option without the others."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 from fusedrl import _ext
 from fusedrl.ops import policy as op
+from fusedrl.ops import value as value_op
 from fusedrl.policy import PolicyParams
 
 ALL = set(op.INT_OPTIONS) | set(op.FLOAT_OPTIONS)
@@ -53,3 +54,30 @@ def test_triton_kernels_take_options_by_their_names():
         assert runtime - {"T", "scr_row"} <= ALL, runtime - ALL
         taken |= {n for n in ALL if n in params or n.upper() in params}
     assert taken == ALL, ALL - taken
+
+
+def test_value_options_by_name():
+    ints, floats = _ext.load().value_option_names()
+    assert (tuple(ints), tuple(floats)) == (value_op.INT_OPTIONS, value_op.FLOAT_OPTIONS)
+    options = value_op.kernel_options(0.2, "verl")
+    assert set(options) == set(value_op.INT_OPTIONS) | set(value_op.FLOAT_OPTIONS)
+    flags, values = value_op.option_lists(options)
+    o = value_op.Operands({}, {}, None, 0, 0, flags, values)
+    assert o.options == options
+
+
+def test_value_binding_rejects_lists_of_another_length():
+    flags, values = value_op.option_lists(value_op.kernel_options(None, "clamp"))
+    x = torch.zeros(1, 2, dtype=torch.float64)
+    with pytest.raises(Exception, match="value options: expected"):
+        value_op.VALUE_OBJECTIVE("cpu", x, None, x, torch.ones(1, 2, dtype=torch.bool), None,
+                                 torch.ones(1, dtype=torch.float64), flags + [0], values, False)
+
+
+def test_value_triton_kernel_takes_options_by_name():
+    pytest.importorskip("triton")
+    from fusedrl.kernels import policy as tk, value as tv  # noqa: PLC0415
+
+    params = set(tk.kernel_parameters(tv._value_kernel))
+    # has_clip is resolved on the host into clip = +inf (as Options::resolve)
+    assert (set(value_op.INT_OPTIONS) | set(value_op.FLOAT_OPTIONS)) - {"has_clip"} <= params

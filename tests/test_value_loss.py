@@ -419,7 +419,7 @@ def test_gradient_flows_to_values_only(backend):
 @pytest.mark.skipif(not HAS_CPU, reason="the C++ extension is not built")
 def test_opcheck():
     d = make_inputs(3, 5, seed=1, nan=False)
-    flags, opts = op.option_lists(0.2, "verl")
+    flags, opts = op.option_lists(op.kernel_options(0.2, "verl"))
     coef = torch.rand(3, dtype=torch.float64)
     v = d["values"].clone().requires_grad_(True)
     args = (v, d["old_values"], d["returns"], d["mask"], None, coef, flags, opts, True)

@@ -26,24 +26,9 @@ View view(const ViewTuple& t) {
   return v;
 }
 
-// The Options from the two lists, read in the order of the option macros of fusedrl/policy.h
-// (python/fusedrl/ops/policy.py packs them by name in the order policy_option_names reports).
-policy::Options options(const std::vector<int64_t>& f, const std::vector<double>& d) {
-  policy::Options o;
-  size_t i = 0, j = 0;
-#define FUSEDRL_READ_INT(type, name, init) o.name = i < f.size() ? type(f[i]) : o.name, ++i;
-#define FUSEDRL_READ_FLOAT(type, name, init) o.name = j < d.size() ? d[j] : o.name, ++j;
-  FUSEDRL_POLICY_INT_OPTIONS(FUSEDRL_READ_INT)
-  FUSEDRL_POLICY_FLOAT_OPTIONS(FUSEDRL_READ_FLOAT)
-#undef FUSEDRL_READ_INT
-#undef FUSEDRL_READ_FLOAT
-  if (i != f.size() || j != d.size()) {
-    throw std::invalid_argument("policy options: expected " + std::to_string(i) + " integer and " + std::to_string(j) +
-                                " float values, got " + std::to_string(f.size()) + " and " + std::to_string(d.size()));
-  }
-  o.resolve();
-  return o;
-}
+// The Options from the two lists (python/fusedrl/ops/policy.py packs them by name).
+FUSEDRL_OPTION_BINDING(policy::Options, FUSEDRL_POLICY_INT_OPTIONS, FUSEDRL_POLICY_FLOAT_OPTIONS, options, option_names,
+                       "policy")
 
 PolicyArgs make_args(const Views& v, uintptr_t cu_seqlens, int64_t B, int64_t T, const std::vector<int64_t>& flags,
                      const std::vector<double>& values, uintptr_t stats, bool stats_adv, uintptr_t coef,
@@ -73,16 +58,7 @@ PolicyArgs make_args(const Views& v, uintptr_t cu_seqlens, int64_t B, int64_t T,
 }  // namespace
 
 void policy(py::module_& m) {
-  m.def("policy_option_names", [] {
-    std::vector<std::string> ints, floats;
-#define FUSEDRL_NAME_INT(type, name, init) ints.push_back(#name);
-#define FUSEDRL_NAME_FLOAT(type, name, init) floats.push_back(#name);
-    FUSEDRL_POLICY_INT_OPTIONS(FUSEDRL_NAME_INT)
-    FUSEDRL_POLICY_FLOAT_OPTIONS(FUSEDRL_NAME_FLOAT)
-#undef FUSEDRL_NAME_INT
-#undef FUSEDRL_NAME_FLOAT
-    return std::make_pair(ints, floats);
-  });
+  m.def("policy_option_names", &option_names);
   m.def(
       "policy_stats_cpu",
       [](const Views& v, uintptr_t cu, int64_t B, int64_t T, const std::vector<int64_t>& flags,

@@ -1,8 +1,9 @@
 // Bindings of the clipped value loss (csrc/cpu/value.cpp, csrc/cuda/value.cu). Operands come as
-// (pointer, dtype code, row stride, token stride) tuples and the options as two flat lists, in the
-// order python/fusedrl/ops/value.py packs them (option_lists).
+// (pointer, dtype code, row stride, token stride) tuples and the options as two flat lists whose
+// order is the X-macros' of fusedrl/value.h (python/fusedrl/ops/value.py packs them by name).
 #include <pybind11/stl.h>
 
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -25,10 +26,13 @@ View value_view(const ViewTuple& t) {
   return v;
 }
 
+// The Options from the two lists (python/fusedrl/ops/value.py packs them by name).
+FUSEDRL_OPTION_BINDING(value::Options, FUSEDRL_VALUE_INT_OPTIONS, FUSEDRL_VALUE_FLOAT_OPTIONS, options, option_names,
+                       "value")
+
 ValueArgs make_value_args(const Views& v, uintptr_t cu_seqlens, int64_t B, int64_t T, const std::vector<int64_t>& f,
                           const std::vector<double>& d, uintptr_t coef, uintptr_t rows) {
   if (v.size() != 5) throw std::invalid_argument("value: expected 5 operand views");
-  if (f.size() != 2 || d.size() != 1) throw std::invalid_argument("value options: wrong list lengths");
   ValueArgs a;
   a.values = value_view(v[0]);
   a.old_values = value_view(v[1]);
@@ -38,10 +42,7 @@ ValueArgs make_value_args(const Views& v, uintptr_t cu_seqlens, int64_t B, int64
   a.cu_seqlens = ptr<const int64_t>(cu_seqlens);
   a.B = B;
   a.T = T;
-  a.opt.has_clip = f[0] != 0;
-  a.opt.verl_ties = f[1] != 0;
-  a.opt.clip = d[0];
-  a.opt.resolve();
+  a.opt = options(f, d);
   a.coef = ptr<const double>(coef);
   a.rows = ptr<double>(rows);
   return a;
@@ -50,6 +51,7 @@ ValueArgs make_value_args(const Views& v, uintptr_t cu_seqlens, int64_t B, int64
 }  // namespace
 
 void value(py::module_& m) {
+  m.def("value_option_names", &option_names);
   m.def(
       "value_loss_cpu",
       [](const Views& v, uintptr_t cu, int64_t B, int64_t T, const std::vector<int64_t>& flags,

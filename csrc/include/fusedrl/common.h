@@ -127,6 +127,14 @@ FUSEDRL_HD float exp_nonpos(float x) {
 // they do in float32, so a masked (-inf) logit contributes nothing in either precision.
 FUSEDRL_HD double exp_nonpos(double x) { return x <= -128.0 ? 0.0 : exp(x); }
 
+// ---- clamps and the gradients of min / max, with torch's conventions ----
+template <typename A> FUSEDRL_HD A clampv(A v, A lo, A hi) { return v < lo ? lo : (v > hi ? hi : v); }
+// 1 inside [lo, hi] (bounds included: torch's clamp passes the gradient there), else 0.
+template <typename A> FUSEDRL_HD A inside(A v, A lo, A hi) { return (v >= lo && v <= hi) ? A(1) : A(0); }
+// d max(a, b) / da: 1, 0, or 1/2 on a tie (torch); d min(a, b) / da likewise.
+template <typename A> FUSEDRL_HD A dmax_a(A a, A b) { return a > b ? A(1) : (a == b ? A(0.5) : A(0)); }
+template <typename A> FUSEDRL_HD A dmin_a(A a, A b) { return a < b ? A(1) : (a == b ? A(0.5) : A(0)); }
+
 // log and expm1 in the accumulation type, the same overload on host and device.
 FUSEDRL_HD float log_acc(float x) { return logf(x); }
 FUSEDRL_HD double log_acc(double x) { return log(x); }

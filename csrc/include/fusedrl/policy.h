@@ -159,13 +159,6 @@ FUSEDRL_HD float exp_any(float x) {
 }
 FUSEDRL_HD double exp_any(double x) { return exp(x); }
 
-template <typename A> FUSEDRL_HD A clampv(A v, A lo, A hi) { return v < lo ? lo : (v > hi ? hi : v); }
-// 1 inside [lo, hi] (bounds included: torch's clamp passes the gradient there), else 0.
-template <typename A> FUSEDRL_HD A inside(A v, A lo, A hi) { return (v >= lo && v <= hi) ? A(1) : A(0); }
-// d max(a, b) / da: 1, 0, or 1/2 on a tie (torch).
-template <typename A> FUSEDRL_HD A dmax_a(A a, A b) { return a > b ? A(1) : (a == b ? A(0.5) : A(0)); }
-template <typename A> FUSEDRL_HD A dmin_a(A a, A b) { return a < b ? A(1) : (a == b ? A(0.5) : A(0)); }
-
 // The log-weight clamp before every exp: (value, pass) with pass the clamp's gradient factor.
 // (An absent bound is +inf: Options::resolve.)
 template <typename A> FUSEDRL_HD A clamp_log(A v, const Options& o) { return clampv(v, A(-o.clamp), A(o.clamp)); }

@@ -5,8 +5,8 @@
 //
 //   L = sum_i g_i sum_t m_it l_it,   l = 0.5 max((v - R)^2, (clip(v, v_old - c, v_old + c) - R)^2)
 //
-// with g the per-row aggregation coefficients (python/fusedrl/reference/aggregate.py:
-// row_coefficients, the one place where normalizers are written). Without a clip, c = +inf
+// with g the per-row aggregation coefficients (python/fusedrl/ops/normalizers.py:
+// row_coefficients, the one place where the kernel paths normalize). Without a clip, c = +inf
 // (Options::resolve): the clip is the identity, both branches are equal and the loss is
 // 0.5 (v - R)^2 with gradient v - R (the tie sends half to each branch, as torch's max).
 //
@@ -24,10 +24,18 @@ namespace value {
 // valid tokens of m, m [clipped branch strictly larger] and m v.
 enum Output : int { kLoss = 0, kOutCount, kClipped, kValue, kNumOutputs };
 
+// The kernel's options, each written once: the struct, the binding's reading (in this order,
+// from python/fusedrl/ops/value.py's INT_OPTIONS / FLOAT_OPTIONS) and value_option_names().
+#define FUSEDRL_VALUE_INT_OPTIONS(X)                                                                   \
+  X(bool, has_clip, false)                                                                           \
+  X(bool, verl_ties, false) /* the clip's gradient at its bounds as verl's clip_by_value */
+#define FUSEDRL_VALUE_FLOAT_OPTIONS(X) X(double, clip, 0.0)
+
 struct Options {
-  bool has_clip = false;
-  bool verl_ties = false;  // the clip's gradient at its bounds as verl's clip_by_value
-  double clip = 0.0;
+#define FUSEDRL_OPTION_MEMBER(type, name, init) type name = init;
+  FUSEDRL_VALUE_INT_OPTIONS(FUSEDRL_OPTION_MEMBER)
+  FUSEDRL_VALUE_FLOAT_OPTIONS(FUSEDRL_OPTION_MEMBER)
+#undef FUSEDRL_OPTION_MEMBER
 
   // An absent clip as +inf, so the per-token math has no option test; call once after filling.
   void resolve() {
@@ -35,24 +43,17 @@ struct Options {
   }
 };
 
-// (These are policy.h's clampv / dmax_a / dmin_a / inside: repeated here so that the header
-// stands alone.)
-template <typename A> FUSEDRL_HD A vclamp(A v, A lo, A hi) { return v < lo ? lo : (v > hi ? hi : v); }
-template <typename A> FUSEDRL_HD A vinside(A v, A lo, A hi) { return (v >= lo && v <= hi) ? A(1) : A(0); }
-template <typename A> FUSEDRL_HD A vdmax(A a, A b) { return a > b ? A(1) : (a == b ? A(0.5) : A(0)); }
-template <typename A> FUSEDRL_HD A vdmin(A a, A b) { return a < b ? A(1) : (a == b ? A(0.5) : A(0)); }
-
 // One token: v the value, old the rollout's value, ret the return (all cleaned: 0 on padding);
 // c the clip (+inf: none); ties = 1 for verl's tie convention, 0 for clamp's. Returns l; *dv =
 // dl/dv, *clipped = 1 when the clipped branch is strictly larger. Branch-free (vectorizes).
 template <typename A> FUSEDRL_HD A token_loss(A v, A old, A ret, A c, A ties, A* dv, A* clipped) {
   const A lo = old - c, hi = old + c;
-  const A vc = vclamp(v, lo, hi);
+  const A vc = clampv(v, lo, hi);
   const A mn = v < hi ? v : hi;
-  const A pass = ties * (vdmin(v, hi) * vdmax(mn, lo)) + (A(1) - ties) * vinside(v, lo, hi);
+  const A pass = ties * (dmin_a(v, hi) * dmax_a(mn, lo)) + (A(1) - ties) * inside(v, lo, hi);
   const A d1 = v - ret, d2 = vc - ret;
   const A l1 = d1 * d1, l2 = d2 * d2;
-  const A f = vdmax(l1, l2);
+  const A f = dmax_a(l1, l2);
   *dv = f * d1 + (A(1) - f) * d2 * pass;
   *clipped = l2 > l1 ? A(1) : A(0);
   return A(0.5) * (l1 > l2 ? l1 : l2);

@@ -100,10 +100,11 @@ def value_loss(o) -> None:
     g, sgr, sgt, has_g = _operand(o, "grad", dummy)
     cu, packed = _cu(o, dummy)
     block = min(BLOCK_T, max(16, triton.next_power_of_2(max(int(o.T), 1))))
-    clip = o.values[0] if o.flags[0] else float("inf")
+    opts = o.options
+    clip = opts["clip"] if opts["has_clip"] else float("inf")  # as Options::resolve
     _value_kernel[(o.B,)](
         v, old, ret, mask, g, cu, o.coef, o.rows,
         o.T, svr, svt, sor, sot, srr, srt, smr, smt, sgr, sgt,
-        o.flags[1], clip,
+        opts["verl_ties"], clip,
         HAS_OLD=has_old, HAS_G=has_g, PACKED=packed, BLOCK=block,
     )

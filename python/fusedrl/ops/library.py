@@ -171,6 +171,17 @@ def scaled(grad: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
     return grad * upstream.to(grad.dtype)
 
 
+def pack_options(options: dict, ints: tuple[str, ...], floats: tuple[str, ...]) -> tuple[list[int], list[float]]:
+    """An op's options by name as the binding's two flat lists, in the order of the op's X-macros
+    (``ints`` / ``floats``: the names as the C++ header lists them); a missing name raises KeyError."""
+    return [int(options[n]) for n in ints], [float(options[n]) for n in floats]
+
+
+def unpack_options(flags, values, ints: tuple[str, ...], floats: tuple[str, ...]) -> dict:
+    """The inverse of :func:`pack_options`: the options by name."""
+    return dict(zip(ints, flags)) | dict(zip(floats, values))
+
+
 def _traced_arg(a) -> bool:
     return isinstance(a, torch.Tensor) and type(a) is not torch.Tensor
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fusedrl import _ext
-from fusedrl.ops.library import Op, hand_over, scaled
+from fusedrl.ops.library import Op, hand_over, pack_options, scaled, unpack_options
 from fusedrl.ops import normalizers as norm
 from fusedrl.reference import aggregate as ref_agg
 
@@ -65,12 +65,12 @@ def kernel_options(p, entropy_mask_threshold: float | None = None) -> dict:
 
 def option_lists(options: dict) -> tuple[list[int], list[float]]:
     """The binding's two flat lists (integers, floats) of named options, in the C++ order."""
-    return [int(options[n]) for n in INT_OPTIONS], [float(options[n]) for n in FLOAT_OPTIONS]
+    return pack_options(options, INT_OPTIONS, FLOAT_OPTIONS)
 
 
 def named_options(flags, values) -> dict:
     """The inverse of :func:`option_lists`: the options by name (the Triton launchers pass them so)."""
-    return dict(zip(INT_OPTIONS, flags)) | dict(zip(FLOAT_OPTIONS, values))
+    return unpack_options(flags, values, INT_OPTIONS, FLOAT_OPTIONS)
 
 
 @functools.lru_cache(maxsize=256)

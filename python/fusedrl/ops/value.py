@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from fusedrl import _ext
-from fusedrl.ops.library import Op, hand_over, scaled
+from fusedrl.ops.library import Op, hand_over, pack_options, scaled, unpack_options
 from fusedrl.ops import policy as _policy_ops
 from fusedrl.ops import normalizers as norm
 from fusedrl.reference import aggregate as ref_agg
@@ -31,9 +31,21 @@ OUT = {"loss": 0, "count": 1, "clipped": 2, "values": 3}  # the Output enum of f
 NAMES = ("values", "old_values", "returns", "mask", "grad")
 
 
-def option_lists(clip: float | None, clip_ties: str) -> tuple[list[int], list[float]]:
-    """The kernel's Options (csrc/include/fusedrl/value.h) as the binding's two flat lists."""
-    return [int(clip is not None), int(clip_ties == "verl")], [float(clip or 0.0)]
+# The kernel's Options by name: csrc/include/fusedrl/value.h FUSEDRL_VALUE_INT_OPTIONS /
+# FUSEDRL_VALUE_FLOAT_OPTIONS, the same names in the same order (the binding reports its order as
+# value_option_names; tests/test_policy_options.py checks it and the Triton kernel's parameters).
+INT_OPTIONS = ("has_clip", "verl_ties")
+FLOAT_OPTIONS = ("clip",)
+
+
+def kernel_options(clip: float | None, clip_ties: str) -> dict:
+    """The kernel's Options by name from the call's clip (None: no clip) and tie convention."""
+    return dict(has_clip=int(clip is not None), verl_ties=int(clip_ties == "verl"), clip=float(clip or 0.0))
+
+
+def option_lists(options: dict) -> tuple[list[int], list[float]]:
+    """The binding's two flat lists (integers, floats) of named options, in the C++ order."""
+    return pack_options(options, INT_OPTIONS, FLOAT_OPTIONS)
 
 
 @dataclass
@@ -49,6 +61,11 @@ class Operands:
     values: list
     coef: Tensor | None = None
     rows: Tensor | None = None
+
+    @property
+    def options(self) -> dict:
+        """The options by name (csrc/include/fusedrl/value.h Options)."""
+        return unpack_options(self.flags, self.values, INT_OPTIONS, FLOAT_OPTIONS)
 
 
 def _views(o: Operands):
@@ -161,7 +178,7 @@ def fused_value_loss(backend: str, values, old_values, returns, mask, *, cu_seql
                      num_tokens, num_sequences, max_length, exclude_empty_rows):
     """:func:`fusedrl.reference.value.value_loss` computed by the ``backend`` kernel (inputs
     validated by :func:`fusedrl.value_loss`). Returns ``(loss, metrics)``."""
-    flags, opts = option_lists(clip, clip_ties)
+    flags, opts = option_lists(kernel_options(clip, clip_ties))
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(torch.int64).contiguous()  # the kernels read int64 offsets
     old_values = None if old_values is None or clip is None else old_values.detach()
