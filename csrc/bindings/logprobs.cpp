@@ -1,6 +1,6 @@
 // Bindings of the token log-prob kernels (csrc/cpu/logprobs.cpp, csrc/cuda/logprobs.cu).
 #include "bindings/common.h"
-#include "cpu/kernels.h"
+#include "fusedrl/logprobs_args.h"
 
 namespace fusedrl {
 namespace bind {

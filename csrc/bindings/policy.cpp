@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "bindings/common.h"
-#include "cpu/policy.h"
+#include "fusedrl/policy_args.h"
 
 namespace fusedrl {
 namespace bind {

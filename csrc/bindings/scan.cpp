@@ -1,7 +1,7 @@
 // Bindings of the scan kernels (csrc/cpu/scan.cpp, csrc/cuda/scan.cu): GAE / discounted returns
 // (one reverse scan) and the masked prefix sum.
 #include "bindings/common.h"
-#include "cpu/scan.h"
+#include "fusedrl/scan_args.h"
 
 namespace fusedrl {
 namespace bind {

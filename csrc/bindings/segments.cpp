@@ -1,6 +1,6 @@
 // Bindings of the segment-statistics kernels (csrc/cpu/segments.cpp, csrc/cuda/segments.cu).
 #include "bindings/common.h"
-#include "cpu/segments.h"
+#include "fusedrl/segments_args.h"
 
 #include <pybind11/stl.h>
 

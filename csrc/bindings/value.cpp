@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "bindings/common.h"
-#include "cpu/value.h"
+#include "fusedrl/value_args.h"
 
 namespace fusedrl {
 namespace bind {

@@ -3,7 +3,7 @@
 // Rows are spread over OpenMP threads; within a row, V is walked in chunks that fit in L1, each
 // chunk in two vectorizable loops (max, then the sums). The per-element math is
 // fusedrl/logprobs.h, shared with the CUDA kernel.
-#include "cpu/kernels.h"
+#include "fusedrl/logprobs_args.h"
 #include "cpu/isa.h"
 
 #include <algorithm>

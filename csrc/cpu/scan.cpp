@@ -13,7 +13,7 @@
 // row's first scanned one (count, sum d, sum d^2), and its valid range [lo, hi] is noted. One
 // thread then merges the rows' moments in row order (moments_merge), and the valid range of each row is rescaled in place:
 // the whitening adds one read and one write of the valid advantages and a read of the mask there.
-#include "cpu/scan.h"
+#include "fusedrl/scan_args.h"
 
 #include <algorithm>
 #include <cmath>

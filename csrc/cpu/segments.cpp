@@ -4,7 +4,7 @@
 // thread, so the results do not depend on the thread count. The per-group math is
 // fusedrl/segments.h, shared with the CUDA kernel. group_advantages (the second half) is one call
 // from rewards to advantages: runs of group_size rows, or raw ids keyed and summed in row order.
-#include "cpu/segments.h"
+#include "fusedrl/segments_args.h"
 #include "cpu/isa.h"
 
 #include <algorithm>

@@ -7,7 +7,7 @@
 // are added to the row's in double in token order (results do not depend on the thread count).
 // A tile that is all padding is not computed (its gradient is zero). The loads and stores are those
 // of csrc/cpu/policy.cpp (same View layout and dtype codes).
-#include "cpu/value.h"
+#include "fusedrl/value_args.h"
 
 #include <omp.h>
 
@@ -22,63 +22,6 @@ namespace {
 using namespace ::fusedrl::value;
 
 constexpr int64_t kTile = 256;
-// Mask codes beyond the float DType codes (fusedrl/policy.h MaskCode; python/fusedrl/ops/policy.py).
-constexpr int kMaskByte = 4, kMaskInt32 = 5;
-
-FUSEDRL_HD float up(float x) { return x; }
-FUSEDRL_HD double up(double x) { return x; }
-FUSEDRL_HD float up(bf16_t x) { return to_float(x); }
-FUSEDRL_HD float up(f16_t x) { return to_float(x); }
-FUSEDRL_HD float up(uint8_t x) { return float(x); }
-FUSEDRL_HD float up(int32_t x) { return float(x); }
-FUSEDRL_HD double up(int64_t x) { return double(x); }
-
-template <typename S, typename A> FUSEDRL_HD void load_as(const S* p, int64_t s, int64_t n, A* out) {
-  if (s == 1) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) out[j] = A(up(p[j]));
-  } else {
-    for (int64_t j = 0; j < n; ++j) out[j] = A(up(p[j * s]));
-  }
-}
-
-// Tile [t0, t0 + n) of row i of v, converted to A.
-template <typename A> FUSEDRL_HD void load(const View& v, int64_t i, int64_t start, int64_t t0, int64_t n, A* out) {
-  const int64_t off = v.s_row * i + v.s_tok * (start + t0);
-  switch (v.dtype) {
-    case kFloat32: load_as(static_cast<const float*>(v.p) + off, v.s_tok, n, out); break;
-    case kBFloat16: load_as(static_cast<const bf16_t*>(v.p) + off, v.s_tok, n, out); break;
-    case kFloat16: load_as(static_cast<const f16_t*>(v.p) + off, v.s_tok, n, out); break;
-    case kFloat64: load_as(static_cast<const double*>(v.p) + off, v.s_tok, n, out); break;
-    case kMaskByte: load_as(static_cast<const uint8_t*>(v.p) + off, v.s_tok, n, out); break;
-    case kMaskInt32: load_as(static_cast<const int32_t*>(v.p) + off, v.s_tok, n, out); break;
-    default: load_as(static_cast<const int64_t*>(v.p) + off, v.s_tok, n, out); break;
-  }
-}
-
-template <typename D, typename A> FUSEDRL_HD void store_as(D* p, int64_t s, int64_t n, const A* in) {
-  if (s == 1) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) p[j] = from_float<D>(float(in[j]));
-  } else {
-    for (int64_t j = 0; j < n; ++j) p[j * s] = from_float<D>(float(in[j]));
-  }
-}
-template <typename A> FUSEDRL_HD void store_as(double* p, int64_t s, int64_t n, const A* in) {
-  for (int64_t j = 0; j < n; ++j) p[j * s] = double(in[j]);
-}
-
-template <typename A> FUSEDRL_HD void store(const View& v, int64_t i, int64_t start, int64_t t0, int64_t n, const A* in) {
-  const int64_t off = v.s_row * i + v.s_tok * (start + t0);
-  void* p = const_cast<void*>(v.p);
-  switch (v.dtype) {
-    case kFloat32: store_as(static_cast<float*>(p) + off, v.s_tok, n, in); break;
-    case kBFloat16: store_as(static_cast<bf16_t*>(p) + off, v.s_tok, n, in); break;
-    case kFloat16: store_as(static_cast<f16_t*>(p) + off, v.s_tok, n, in); break;
-    default: store_as(static_cast<double*>(p) + off, v.s_tok, n, in); break;
-  }
-}
-
 template <typename A> struct Tile {
   A m[kTile], v[kTile], o[kTile], r[kTile], g[kTile];
 };

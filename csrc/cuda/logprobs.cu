@@ -20,7 +20,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "cpu/kernels.h"
+#include "fusedrl/logprobs_args.h"
 #include "fusedrl/logprobs.h"
 
 // Unrolls the per-vector loops in device code (the host pass of nvcc sees the same functions).

@@ -45,7 +45,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "cpu/policy.h"
+#include "fusedrl/policy_args.h"
 #include "fusedrl/policy.h"
 
 // Unrolls the per-chunk loops in device code (the register arrays are indexed by constants then).
@@ -230,45 +230,6 @@ FUSEDRL_UNROLL
 #endif
   }
 };
-
-// ---------------------------------------------------------------------------------------------
-// loads and stores (the CPU kernel's conversions: bf16 / fp16 / uint8 / int32 via float, int64 via
-// double, then to A)
-
-FUSEDRL_HD float up(float x) { return x; }
-FUSEDRL_HD double up(double x) { return x; }
-FUSEDRL_HD float up(bf16_t x) { return to_float(x); }
-FUSEDRL_HD float up(f16_t x) { return to_float(x); }
-FUSEDRL_HD float up(uint8_t x) { return float(x); }
-FUSEDRL_HD float up(int32_t x) { return float(x); }
-FUSEDRL_HD double up(int64_t x) { return double(x); }
-
-template <typename S> FUSEDRL_HD S ld(const void* p, int64_t off) { return static_cast<const S*>(p)[off]; }
-
-// Element (i, pos) of v, pos = start_i + t.
-template <typename A> FUSEDRL_HD A load_elem(const View& v, int64_t i, int64_t pos) {
-  const int64_t off = v.s_row * i + v.s_tok * pos;
-  switch (v.dtype) {
-    case kFloat32: return A(up(ld<float>(v.p, off)));
-    case kBFloat16: return A(up(ld<bf16_t>(v.p, off)));
-    case kFloat16: return A(up(ld<f16_t>(v.p, off)));
-    case kFloat64: return A(up(ld<double>(v.p, off)));
-    case kMaskByte: return A(up(ld<uint8_t>(v.p, off)));
-    case kMaskInt32: return A(up(ld<int32_t>(v.p, off)));
-    default: return A(up(ld<int64_t>(v.p, off)));
-  }
-}
-
-template <typename A> FUSEDRL_HD void store_elem(const View& v, int64_t i, int64_t pos, A x) {
-  const int64_t off = v.s_row * i + v.s_tok * pos;
-  void* p = const_cast<void*>(v.p);
-  switch (v.dtype) {
-    case kFloat32: static_cast<float*>(p)[off] = float(x); break;
-    case kBFloat16: static_cast<bf16_t*>(p)[off] = from_float<bf16_t>(float(x)); break;
-    case kFloat16: static_cast<f16_t*>(p)[off] = from_float<f16_t>(float(x)); break;
-    default: static_cast<double*>(p)[off] = double(x); break;
-  }
-}
 
 FUSEDRL_HD float sqrt_acc(float x) { return sqrtf(x); }
 FUSEDRL_HD double sqrt_acc(double x) { return sqrt(x); }

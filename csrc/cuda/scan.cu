@@ -11,7 +11,7 @@
 
 #include <cstdint>
 
-#include "cpu/scan.h"
+#include "fusedrl/scan_args.h"
 #include "fusedrl/scan.h"
 
 namespace fusedrl {

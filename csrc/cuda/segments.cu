@@ -6,7 +6,7 @@
 
 #include <cstdint>
 
-#include "cpu/segments.h"
+#include "fusedrl/segments_args.h"
 #include "fusedrl/segments.h"
 
 namespace fusedrl {

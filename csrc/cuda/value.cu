@@ -15,7 +15,7 @@
 #include <climits>
 #include <cstdint>
 
-#include "cpu/value.h"
+#include "fusedrl/value_args.h"
 
 namespace fusedrl {
 namespace cuda {
@@ -27,45 +27,6 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 // Mask codes beyond the float DType codes (fusedrl/policy.h MaskCode).
-constexpr int kMaskByte = 4, kMaskInt32 = 5;
-
-__device__ __forceinline__ float up(float x) { return x; }
-__device__ __forceinline__ double up(double x) { return x; }
-__device__ __forceinline__ float up(bf16_t x) { return to_float(x); }
-__device__ __forceinline__ float up(f16_t x) { return to_float(x); }
-__device__ __forceinline__ float up(uint8_t x) { return float(x); }
-__device__ __forceinline__ float up(int32_t x) { return float(x); }
-__device__ __forceinline__ double up(int64_t x) { return double(x); }
-
-template <typename S> __device__ __forceinline__ S ld(const void* p, int64_t off) {
-  return static_cast<const S*>(p)[off];
-}
-
-// Element (i, pos) of v, pos = start_i + t.
-template <typename A> __device__ __forceinline__ A load_elem(const View& v, int64_t i, int64_t pos) {
-  const int64_t off = v.s_row * i + v.s_tok * pos;
-  switch (v.dtype) {
-    case kFloat32: return A(up(ld<float>(v.p, off)));
-    case kBFloat16: return A(up(ld<bf16_t>(v.p, off)));
-    case kFloat16: return A(up(ld<f16_t>(v.p, off)));
-    case kFloat64: return A(up(ld<double>(v.p, off)));
-    case kMaskByte: return A(up(ld<uint8_t>(v.p, off)));
-    case kMaskInt32: return A(up(ld<int32_t>(v.p, off)));
-    default: return A(up(ld<int64_t>(v.p, off)));
-  }
-}
-
-template <typename A> __device__ __forceinline__ void store_elem(const View& v, int64_t i, int64_t pos, A x) {
-  const int64_t off = v.s_row * i + v.s_tok * pos;
-  void* p = const_cast<void*>(v.p);
-  switch (v.dtype) {
-    case kFloat32: static_cast<float*>(p)[off] = float(x); break;
-    case kBFloat16: static_cast<bf16_t*>(p)[off] = from_float<bf16_t>(float(x)); break;
-    case kFloat16: static_cast<f16_t*>(p)[off] = from_float<f16_t>(float(x)); break;
-    default: static_cast<double*>(p)[off] = double(x); break;
-  }
-}
-
 // s[0, kNumOutputs) <- the block's sums (thread 0 gets them): a shuffle tree per warp, then the
 // warp sums in warp order. Ends with a barrier, so the shared scratch can be reused.
 __device__ void block_sum(double* s, double (*sm)[kNumOutputs]) {

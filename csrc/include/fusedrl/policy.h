@@ -30,6 +30,7 @@
 #pragma once
 
 #include "fusedrl/common.h"
+#include "fusedrl/view.h"
 
 namespace fusedrl {
 namespace policy {
@@ -41,8 +42,12 @@ enum Kl : int { kK1 = 0, kAbs = 1, kK2 = 2, kK3 = 3, kLowVar = 4 };
 enum Rollout : int {
   kNoRollout = -1, kTokenTruncate = 0, kTokenMask = 1, kSequenceTruncate = 2, kSequenceMask = 3, kIcepop = 4
 };
-// Mask codes: the float DType codes 0-3 (a per-token weight), then these (integer weights).
-enum MaskCode : int { kMaskByte = 4, kMaskInt32 = 5, kMaskInt64 = 6 };
+// Mask codes: the float DType codes 0-3 (a per-token weight), then integer weights
+// (fusedrl/view.h operand::MaskCode).
+using operand::MaskCode;
+using operand::kMaskByte;
+using operand::kMaskInt32;
+using operand::kMaskInt64;
 
 // Row statistics of the first pass, in this order (float64 [B, kNumStats]).
 // kSumVespo: sum m clamp(rho) (vespo); kSumOffKl: sum m (mu - x), mu the sampler's (else the old)

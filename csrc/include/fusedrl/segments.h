@@ -176,7 +176,7 @@ struct StridedRows {
 };
 
 // Every statistic of group g, all columns (the whole per-group kernel, run by one CPU or GPU
-// thread). Args is fusedrl::SegmentArgs (csrc/cpu/segments.h): values of type T, outputs of
+// thread). Args is fusedrl::SegmentArgs (csrc/include/fusedrl/segments_args.h): values of type T, outputs of
 // type acc_t; with a.order set, the rows of g are a.order[a.offsets[g] ..], else the contiguous
 // run of a.group_size rows. Per column: column_stats, then (pass 4) the leave-one-out means.
 template <typename T, typename acc_t, typename Args>

@@ -34,7 +34,7 @@ here                      fusedrl/policy.h / csrc/cpu/policy.cpp
 Mapping. One program per row (sequence) i; its span is tokens ``[start_i, start_i + len_i)`` with
 ``start_i = cu_seqlens[i]`` and ``len_i = cu_seqlens[i + 1] - start_i`` in the packed layout
 (PACKED), ``start_i = 0`` and ``len_i = T`` in the padded one. Element (i, t) of an operand is at
-``p + s_row * i + s_tok * (start_i + t)`` (csrc/cpu/policy.h ``View``; a per-sequence advantage has
+``p + s_row * i + s_tok * (start_i + t)`` (csrc/include/fusedrl/view.h ``View``; a per-sequence advantage has
 ``s_tok = 0``). The program walks its row in blocks of BLOCK tokens (``tl.arange``); lanes past the
 row's end load 0 and are excluded from every sum, so they act as if absent (the CPU tile simply
 stops there). Every load is upcast at once to the accumulation type (float32; float64 for float64

@@ -22,7 +22,7 @@ from torch import Tensor
 from fusedrl import _ext
 from fusedrl.ops.library import Op
 
-# Mask element codes shared with csrc/cpu/scan.h (enum MaskCode).
+# Mask element codes shared with csrc/include/fusedrl/scan_args.h (enum MaskCode).
 MASK_CODES = {torch.bool: 0, torch.uint8: 0, torch.int32: 1, torch.int64: 2, torch.float32: 3, torch.float64: 4}
 
 

@@ -5,17 +5,9 @@
 #include <cstdint>
 
 #include "fusedrl/policy.h"
+#include "fusedrl/view.h"  // View: a [rows, tokens] operand
 
 namespace fusedrl {
-
-// A [rows, tokens] operand: element (i, t) of row i is at p + s_row * i + s_tok * (start_i + t),
-// start_i = cu_seqlens[i] in the packed layout, 0 in the padded one. A per-sequence tensor [B] has
-// s_tok = 0. dtype: a fusedrl::DType code, or a policy::MaskCode for the mask. p null: absent.
-struct View {
-  const void* p = nullptr;
-  int dtype = 0;
-  int64_t s_row = 0, s_tok = 0;
-};
 
 struct PolicyArgs {
   View logp, old_logp, adv, mask, ref_logp, rollout_logp, entropy;  // old_logp absent: = logp

@@ -4,7 +4,7 @@
 
 #include <cstdint>
 
-#include "cpu/policy.h"  // View: a [rows, tokens] operand
+#include "fusedrl/view.h"  // View: a [rows, tokens] operand
 #include "fusedrl/value.h"
 
 namespace fusedrl {

@@ -1,4 +1,5 @@
-// Torch-free entry points of the C++ CPU kernels. All checking happens in Python before the call.
+// Arguments and torch-free entry points of the token log-prob kernels (csrc/cpu/logprobs.cpp,
+// csrc/cuda/logprobs.cu). All checking happens in Python before the call.
 #pragma once
 
 #include <cstdint>
