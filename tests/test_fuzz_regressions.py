@@ -61,3 +61,50 @@ def test_grpo_passk_rejects_nan_rewards(backend, layout):
     finite = torch.tensor([-0.9, 0.5, -0.1, 0.3], dtype=torch.float64)
     out = fusedrl.group_advantages(finite, estimator="grpo_passk", backend=backend, **layout_kw)
     assert out[1] > 0 and out[3] > 0 and out[0] == 0 and out[2] == 0
+
+
+def _policy_grad(backend, logp, old, adv, mask, **opts):
+    x = logp.detach().clone().requires_grad_(True)
+    loss, _ = fusedrl.policy_loss(x, old, adv, mask, backend=backend, **opts)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+POLICY_KERNELS = ["cpu", pytest.param("triton", marks=pytest.mark.skipif(
+    __import__("importlib").util.find_spec("triton") is None, reason="triton is not installed"))]
+
+
+@pytest.mark.parametrize("backend", POLICY_KERNELS)
+def test_vespo_nan_old_logp_at_a_valid_token_matches_the_reference(backend):
+    """fuzz: policy_loss / cpu 'valid nan', surrogate='vespo' with a NaN old_logp at a valid token.
+    The sequence weight phi is then 0 (TRL's nan_to_num), so the reference's loss and gradients are
+    finite; the kernel multiplied the surrogate's zero d loss / d w by the NaN d w / d x. A zero
+    partial now contributes an exact zero (through_ratio in csrc/include/fusedrl/policy.h)."""
+    g = torch.Generator().manual_seed(3)
+    logp = -torch.rand(2, 4, generator=g, dtype=torch.float64)
+    old = logp + 0.1 * torch.randn(2, 4, generator=g, dtype=torch.float64)
+    old[1, 2] = float("nan")
+    adv = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    want = _policy_grad("torch", logp, old, adv, mask, surrogate="vespo")
+    got = _policy_grad(backend, logp, old, adv, mask, surrogate="vespo")
+    assert bool(want[1].isfinite().all())
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", POLICY_KERNELS)
+def test_gpg_hybrid_nan_old_logp_keeps_the_direct_gradient(backend):
+    """fuzz: policy_loss / cpu 'valid nan', surrogate='gpg' (l = -A x: no ratio) with ratio='hybrid'
+    and a NaN old_logp: the row's sequence ratio is NaN but no loss term uses it; the kernel added
+    its zero share times NaN to every token of the row (sequence_share in fusedrl/policy.h)."""
+    g = torch.Generator().manual_seed(4)
+    logp = -torch.rand(1, 4, generator=g, dtype=torch.float64)
+    old = logp + 0.1 * torch.randn(1, 4, generator=g, dtype=torch.float64)
+    old[0, 1] = float("nan")
+    adv = torch.randn(1, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[True, True, False, True]])
+    opts = dict(surrogate="gpg", ratio="hybrid", aggregation="seq-mean-token-mean")
+    want = _policy_grad("torch", logp, old, adv, mask, **opts)
+    got = _policy_grad(backend, logp, old, adv, mask, **opts)
+    assert bool(want[1].isfinite().all())
+    torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=1e-14)

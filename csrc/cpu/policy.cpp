@@ -466,14 +466,14 @@ FUSEDRL_HD A chain(A m, A gq, A bg, A l_dw, A l_dwc, A l_dx, A dkl_w, A dkl_x, A
   *dw = mq * l_dw + m * bg * dkl_w;
   *dwc = mq * l_dwc;
   *dx = mq * l_dx + m * bg * dkl_x;
-  return *dw * pw + *dwc * pwc;
+  return through_ratio(*dw, pw, *dwc, pwc);
 }
 
 // Row-coupled levels (sequence, hybrid): every valid token's gradient gets m_t dL/ds ds/d(sum m rho),
 // with ds = s s_pass / n per unit of m rho (dlds: the row's sum of dL/dw rw + dL/dwc rwc).
 template <typename A>
 FUSEDRL_HD void add_sequence_share(int64_t len, const Row<A>& row, double dlds, A* gx_row, const A* m_row) {
-  const A k = A(dlds) * row.s * row.s_pass / row.count_div;
+  const A k = sequence_share(dlds, row.s, row.s_pass, row.count_div);
 #pragma omp simd
   for (int64_t t = 0; t < len; ++t) gx_row[t] = m_row[t] != A(0) ? gx_row[t] + m_row[t] * k : A(0);
 }

@@ -508,7 +508,7 @@ FUSEDRL_HD void loss_token(const Options& o, const RowCtx<A>& rc, const Tok<A>& 
   const A dw_t = mq * dw + m * rc.bg * dkl_w;
   const A dwc_t = mq * dwc;
   const A dx_t = mq * dx * rc.dx_scale + m * rc.bg * dkl_x;
-  const A local = dw_t * pw + dwc_t * pwc;  // dL/dc_t for cumulative
+  const A local = through_ratio(dw_t, pw, dwc_t, pwc);  // dL/dc_t for cumulative
   // padded tokens (m = 0) contribute exact zeros, even where a row-level value is inf
   // (log_ratio_clamp=None): selected, not multiplied by 0 (as the CPU kernel)
   const bool ok = m != A(0);
@@ -632,7 +632,7 @@ FUSEDRL_HD void loss_row_coupled(const PolicyArgs& a, int64_t i, int64_t start, 
   if (!rc.want_gx) return;
 
   if constexpr (LEVEL == kLevelRowSum) {  // dL/dx_t += m_t dL/ds ds/d(sum m rho), ds = s / n per unit of m rho
-    const A row_term = A(s[kLDlds]) * rc.row.s * rc.row.s_pass / rc.row.count_div;
+    const A row_term = sequence_share(s[kLDlds], rc.row.s, rc.row.s_pass, rc.row.count_div);
     if (windows == 1) {
 FUSEDRL_UNROLL
       for (int j = 0; j < kChunks; ++j) {

@@ -164,6 +164,21 @@ FUSEDRL_HD float exp_any(float x) {
 }
 FUSEDRL_HD double exp_any(double x) { return exp(x); }
 
+// A token's gradient through its own ratio: dL/dw dw/dx + dL/dwc dwc/dx, where a zero partial
+// contributes an exact zero even when the ratio's derivative is not a number (a NaN or overflowed
+// log-ratio that the loss does not use, e.g. vespo's or a clipped token's): what the reference's
+// autograd gives, where such a term is absent from the graph.
+template <typename A> FUSEDRL_HD A through_ratio(A l_dw, A pw, A l_dwc, A pwc) {
+  return (l_dw != A(0) ? l_dw * pw : A(0)) + (l_dwc != A(0) ? l_dwc * pwc : A(0));
+}
+
+// A row-coupled level's (sequence, hybrid) share of d loss / d x_t per unit of m_t: dL/ds ds/d(sum m
+// rho) = dlds s s_pass / n; exactly 0 when no token's loss depends on s (dlds = 0), even if s is
+// not a number.
+template <typename A> FUSEDRL_HD A sequence_share(double dlds, A s, A s_pass, A count_div) {
+  return dlds != 0.0 ? A(dlds) * s * s_pass / count_div : A(0);
+}
+
 // The log-weight clamp before every exp: (value, pass) with pass the clamp's gradient factor.
 // (An absent bound is +inf: Options::resolve.)
 template <typename A> FUSEDRL_HD A clamp_log(A v, const Options& o) { return clampv(v, A(-o.clamp), A(o.clamp)); }

@@ -129,6 +129,18 @@ def _clamp_log(v, has_clamp, clamp):
 
 
 @triton.jit
+def _sequence_share(dlds, s, s_pass, count_div, ACC: tl.constexpr):
+    """sequence_share of fusedrl/policy.h: exactly 0 when dlds = 0."""
+    return tl.where(dlds != 0.0, dlds.to(ACC) * s * s_pass / count_div, 0.0).to(ACC)
+
+
+@triton.jit
+def _through_ratio(l_dw, pw, l_dwc, pwc):
+    """through_ratio of fusedrl/policy.h: a zero partial contributes an exact zero."""
+    return tl.where(l_dw != 0.0, l_dw * pw, 0.0) + tl.where(l_dwc != 0.0, l_dwc * pwc, 0.0)
+
+
+@triton.jit
 def _clamp_log_pass(v, has_clamp, clamp):
     return tl.where(has_clamp != 0, _inside(v, -clamp, clamp), 1.0)
 
@@ -730,7 +742,7 @@ def _loss_kernel(
         dw = mq * dw_l + m * bg * dkl_w
         dwc = mq * dwc_l
         dx = mq * dx_l * dx_scale + m * bg * dkl_x
-        local = dw * pw + dwc * pwc  # dL/dc_t for cumulative
+        local = _through_ratio(dw, pw, dwc, pwc)  # dL/dc_t for cumulative
         # padded tokens contribute exact zeros, even where a row value is inf (selected, as the CPU)
         real = inb & (m != 0)
         dx = tl.where(real, dx, 0.0)
@@ -758,7 +770,7 @@ def _loss_kernel(
     if HAS_GX:
         if IS_COUPLED:  # dL/dx_t += m_t dL/ds ds/d(sum m rho) with ds = s / n per unit of m rho
             tl.debug_barrier()
-            k = dlds.to(ACC) * row_s * s_pass / count_div
+            k = _sequence_share(dlds, row_s, s_pass, count_div, ACC)
             for t0 in range(0, length, BLOCK):
                 offs = t0 + lanes
                 inb = offs < length
