@@ -11,6 +11,16 @@ from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
+# Every mask argument (policy, value, advantages, preference, distributed) takes the same dtypes:
+# bool, any integer or floating dtype; nonzero = valid (floating and integer masks are per-token
+# weights where the objective has them).
+MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64) + FLOAT_DTYPES
+MASK_EXPECTED = "a bool, integer or floating-point tensor"
+
+
+def mask_tensor(name: str, value) -> torch.Tensor:
+    """A mask argument: a tensor of one of :data:`MASK_DTYPES` (TypeError naming ``name`` else)."""
+    return tensor(name, value, MASK_DTYPES, MASK_EXPECTED)
 
 
 def tensor(name: str, value, dtypes=None, what: str | None = None) -> torch.Tensor:

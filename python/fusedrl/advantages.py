@@ -52,7 +52,7 @@ SEQUENCE_ESTIMATORS = ("grpo", "rloo")  # phase_advantages / segment_advantages
 SCALES = ("group", "batch", "none")
 COMBINES = ("sum_then_normalize", "normalize_then_sum", "chebyshev", "min", "mean_minus_var")
 SINGLETONS = ("verl", "zero")
-MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64, *check.FLOAT_DTYPES)
+MASK_DTYPES = check.MASK_DTYPES
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,7 +153,7 @@ def _estimator(name: str, value, choices) -> str:
 
 
 def _mask(name: str, mask, rows: int, ref_name: str, ref_tensor: torch.Tensor, shape=None) -> torch.Tensor:
-    check.tensor(name, mask, MASK_DTYPES, "bool, integer or floating point")
+    check.mask_tensor(name, mask)
     if shape is not None:
         if tuple(mask.shape) != tuple(shape):
             raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")

@@ -265,7 +265,7 @@ def global_normalizers(
     signed_ids = []
     for k, (m, adv, gid, cu) in enumerate(zip(masks, advs, gids, cus)):
         name = "mask" if n == 1 else f"mask[{k}]"
-        check.tensor(name, m, _policy.MASK_DTYPES, "a bool, integer or floating-point tensor")
+        check.mask_tensor(name, m)
         if device is None:
             device = m.device
         check.same_device(name, m, "mask" if n == 1 else "mask[0]", masks[0])
@@ -358,7 +358,7 @@ def _check_mask(mask, rows: int, length: int | None, like):
 
     if mask is None:
         return None if length is None else torch.ones((rows, length), dtype=torch.bool, device=like.device)
-    check.tensor("mask", mask, _adv.MASK_DTYPES, "bool, integer or floating point")
+    check.mask_tensor("mask", mask)
     if mask.dim() != 2 or mask.shape[0] != rows or (length is not None and mask.shape[1] != length):
         expected = f"[N, T] with N = {rows}" + ("" if length is None else f", T = {length}")
         raise ValueError(f"mask must have shape {expected}, got {tuple(mask.shape)}")

@@ -35,7 +35,7 @@ SURROGATES = _ref_policy.SURROGATES
 RATIOS = _ref_policy.RATIOS
 ROLLOUT_CORRECTIONS = _ref_policy.ROLLOUT_CORRECTIONS
 POLICY_BACKENDS = ("cpu", "cuda", "triton", "torch")  # the backends with a policy_loss kernel
-MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64) + check.FLOAT_DTYPES
+MASK_DTYPES = check.MASK_DTYPES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +153,7 @@ def _batch(values_name, values, mask):
     _float_tensor(values_name, values)
     if values.dim() != 2:
         raise ValueError(f"{values_name} must have shape [B, T] (padded layout), got {tuple(values.shape)}")
-    check.tensor("mask", mask, MASK_DTYPES, "a bool, integer or floating-point tensor")
+    check.mask_tensor("mask", mask)
     if mask.shape != values.shape:
         raise ValueError(f"mask must have shape {tuple(values.shape)} like {values_name}, got {tuple(mask.shape)}")
     check.same_device("mask", mask, values_name, values)
@@ -608,7 +608,7 @@ def _packed(values_name, values, mask, cu_seqlens) -> int:
     if not (values.dim() == 1 or (values.dim() == 2 and values.shape[0] == 1)):
         raise ValueError(f"{values_name} must have shape [1, N] or [N] with cu_seqlens (packed layout), "
                          f"got {tuple(values.shape)}")
-    check.tensor("mask", mask, MASK_DTYPES, "a bool, integer or floating-point tensor")
+    check.mask_tensor("mask", mask)
     if mask.shape != values.shape:
         raise ValueError(f"mask must have shape {tuple(values.shape)} like {values_name}, got {tuple(mask.shape)}")
     check.same_device("mask", mask, values_name, values)

@@ -149,7 +149,7 @@ def _sequence_tensor(name, value, like=None, like_name=None) -> torch.Tensor:
 
 
 def _mask(name, value, shape, like, like_name) -> torch.Tensor:
-    check.tensor(name, value, _REAL_DTYPES + (torch.bool,), "bool, an integer or a floating dtype")
+    check.mask_tensor(name, value)
     if tuple(value.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(value.shape)}")
     check.same_device(name, value, like_name, like)
