@@ -18,6 +18,7 @@
 #pragma once
 
 #include "fusedrl/common.h"
+#include "fusedrl/moments.h"
 
 namespace fusedrl {
 
@@ -36,7 +37,7 @@ struct SegmentMoments {
 FUSEDRL_HD double segment_mean(const SegmentMoments& s) {
   return s.max + s.shifted / (s.n > 1 ? s.n : 1.0);
 }
-FUSEDRL_HD double segment_var(const SegmentMoments& s) { return s.sq / (s.n - 1 > 1 ? s.n - 1 : 1.0); }
+FUSEDRL_HD double segment_var(const SegmentMoments& s) { return unbiased_var(s.sq, s.n); }
 FUSEDRL_HD double segment_loo(const SegmentMoments& s, double x) {
   return s.max + (s.shifted - (x - s.max)) / (s.n - 1 > 1 ? s.n - 1 : 1.0);
 }
@@ -295,9 +296,9 @@ FUSEDRL_HD double row_advantage(int estimator, const SegmentMoments& s, const Se
 }
 
 // The last step over all rows of y, from their moments (one group, singleton rule "zero": a single
-// row gives 0): whiten (y - mean) / sqrt(var + 1e-8), or batch-normalize (y - mean) / (std + eps).
+// row gives 0): whiten (y - mean) * whiten_scale(var), or batch-normalize (y - mean) / (std + eps).
 FUSEDRL_HD double finish_row(int finish, const SegmentResult& batch, double y, double eps) {
-  if (finish == kWhiten) return (y - batch.mean) / sqrt(batch.var + 1e-8);
+  if (finish == kWhiten) return (y - batch.mean) * whiten_scale(batch.var);
   if (finish == kBatchNormalize) return (y - batch.mean) / (sqrt(batch.var) + eps);
   return y;
 }

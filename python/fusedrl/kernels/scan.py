@@ -17,7 +17,7 @@ here                      scan.h / csrc/cpu/scan.cpp
 ``_sums``                 the workspace
 ``_prefix_kernel``        ``prefix_block``: the same walk from t = 0, s = s + x at valid tokens
 ``_merge_kernel``         ``moments_merge`` in row order (one program), then ``whiten_coeffs``:
-                          mean and 1 / sqrt(M2 / (n - 1) + 1e-8) (variance 0 below two values)
+                          mean and whiten_scale(unbiased_var(M2, n)) (kernels/moments.py)
 ``_whiten_kernel``        ``whiten_row`` with ``whiten_value`` in float64
 ========================  =====================================================================
 
@@ -32,9 +32,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from fusedrl.kernels.moments import WHITEN_EPS, unbiased_var, whiten_scale
+
 BLOCK_B = 16  # rows per program of the scans
 BLOCK_T = 1024  # tokens per block of the moment and whitening passes
-WHITEN_EPS = 1e-8  # scan.h kWhitenEps
 
 
 @triton.jit
@@ -141,9 +142,8 @@ def _merge_kernel(ws_ptr, B, eps: tl.float64):
         bm2 = tl.load(ws_ptr + 3 * b + 2)
         n, mean, m2 = _moments_merge(n, mean, m2, bn, bmean, bm2)
     # whiten_coeffs
-    var = tl.where(n > 1, m2 / tl.where(n > 1, n - 1.0, 1.0), 0.0)
     tl.store(ws_ptr + 3 * B, mean)
-    tl.store(ws_ptr + 3 * B + 1, 1.0 / tl.sqrt(var + eps))
+    tl.store(ws_ptr + 3 * B + 1, whiten_scale(unbiased_var(m2, n), eps))
 
 
 @triton.jit

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedrl.kernels.moments import unbiased_var
+
 
 @triton.jit
 def _max_nan(m, x):
@@ -110,7 +112,7 @@ def _segment_kernel(
             d = tl.where(ok, x - mean, 0.0)
             sq += tl.sum(d * d, axis=0)
         nm1 = tl.where(nf - 1 > 1, nf - 1, 1.0)
-        var = sq / nm1  # segment_var
+        var = unbiased_var(sq, nf)  # segment_var
         if HAS_WEIGHT:
             wmean = tl.where(wsum > 0, m + wx / tl.where(wsum > 0, wsum, 1.0), 0.0)  # segment_wmean
         else:
