@@ -205,7 +205,16 @@ template <typename A> FUSEDRL_HD void stats_rows(const Work<A>& wk, int64_t r0, 
 // ---------------------------------------------------------------------------------------------
 // pass 2: loss, metrics, gradients
 
-// The ratio stage: w, wc and their derivatives (see Tile). c_carry / n_carry: cumulative prefixes.
+// Stores a stage's terms of token j into the tile.
+template <typename A> FUSEDRL_HD void put(Tile<A>& T, int64_t j, const RatioTerms<A>& r) {
+  T.w[j] = r.w, T.wc[j] = r.wc, T.pw[j] = r.pw, T.pwc[j] = r.pwc, T.rw[j] = r.rw, T.rwc[j] = r.rwc;
+}
+template <typename A> FUSEDRL_HD void put(Tile<A>& T, int64_t j, const SurrogateTerms<A>& s) {
+  T.l[j] = s.l, T.dw[j] = s.dw, T.dwc[j] = s.dwc, T.dx[j] = s.dx;
+  T.f_low[j] = s.f_low, T.f_high[j] = s.f_high, T.f_dual[j] = s.f_dual;
+}
+
+// The ratio stage (policy.h ratio_terms), one loop per level. c_carry / n_carry: cumulative prefixes.
 template <typename A>
 FUSEDRL_HD void ratio_stage(const Options& opt, const Row<A>& row, int64_t n, Tile<A>& T, double* c_carry,
                             double* n_carry) {
@@ -215,80 +224,28 @@ FUSEDRL_HD void ratio_stage(const Options& opt, const Row<A>& row, int64_t n, Ti
   switch (o.ratio) {
     case kToken:
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        const A rho = T.x[j] - T.o[j];
-        const A w = exp_any(clamp_log(rho, o));
-        T.w[j] = w;
-        T.pw[j] = w * clamp_log_pass(rho, o);
-        T.wc[j] = clip_ratio(w, lo, hi, below);
-        T.pwc[j] = clip_ratio_pass(w, lo, hi, below) * T.pw[j];
-      }
+      for (int64_t j = 0; j < n; ++j) put(T, j, token_ratio(T.x[j] - T.o[j], lo, hi, below, o));
       break;
     case kSequence: {
-      const A wc = clip_ratio(row.s, lo, hi, below), pc = clip_ratio_pass(row.s, lo, hi, below);
-      for (int64_t j = 0; j < n; ++j) {
-        T.w[j] = row.s;
-        T.wc[j] = wc;
-        T.pw[j] = T.pwc[j] = A(0);
-        T.rw[j] = A(1);
-        T.rwc[j] = pc;
-      }
+      const RatioTerms<A> r = sequence_ratio(row, lo, hi, below);
+      for (int64_t j = 0; j < n; ++j) put(T, j, r);
       break;
     }
     case kSequenceToken: {
-      const A lw = row.log_s < A(kGspoTokenLogMax) ? row.log_s : A(kGspoTokenLogMax);
-      const A w = exp_any(clamp_log(lw, o));
-      const A pw = w * (row.log_s <= A(kGspoTokenLogMax) ? A(1) : A(0)) * clamp_log_pass(lw, o);
-      const A wc = clip_ratio(w, lo, hi, below), pwc = clip_ratio_pass(w, lo, hi, below) * pw;
-      for (int64_t j = 0; j < n; ++j) {
-        T.w[j] = w;
-        T.pw[j] = pw;
-        T.wc[j] = wc;
-        T.pwc[j] = pwc;
-      }
+      const RatioTerms<A> r = sequence_token_ratio(row, lo, hi, below, o);
+      for (int64_t j = 0; j < n; ++j) put(T, j, r);
       break;
     }
-    case kHybrid: {
-      const A slo = A(o.seq_lo), shi = A(o.seq_hi);
-      const A sc = clip_ratio(row.s, slo, shi, below), spc = clip_ratio_pass(row.s, slo, shi, below);
-      const bool ent = o.hybrid_entropy;
-      const A alpha = A(o.hybrid_alpha), hmax = row.h_max;
+    case kHybrid:
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        const A a = ent ? (hmax > A(0) ? T.h[j] / hmax : A(0)) : alpha;
-        const A rho = T.x[j] - T.o[j];
-        const A wt = exp_any(clamp_log(rho, o));
-        const A pt = wt * clamp_log_pass(rho, o);
-        T.w[j] = a * wt + (A(1) - a) * row.s;
-        T.wc[j] = a * clip_ratio(wt, lo, hi, below) + (A(1) - a) * sc;
-        T.pw[j] = a * pt;
-        T.pwc[j] = a * clip_ratio_pass(wt, lo, hi, below) * pt;
-        T.rw[j] = A(1) - a;
-        T.rwc[j] = (A(1) - a) * spc;
-      }
+      for (int64_t j = 0; j < n; ++j) put(T, j, hybrid_ratio(T.x[j] - T.o[j], hybrid_mix(T.h[j], row, o), row, lo, hi, below, o));
       break;
-    }
-    default: {  // cumulative: w = exp(c), wc = exp(c clipped to sqrt(n) [log(1 - lo), log(1 + hi)])
-      const A llo = A(o.log_lo), lhi = A(o.log_hi);
+    default: {  // cumulative: the prefix sums in double, in token order
       double c = *c_carry, cnt = *n_carry;
       for (int64_t j = 0; j < n; ++j) {
         c += double(T.m[j] * (T.x[j] - T.o[j]));
         cnt += double(T.m[j]);
-        const A cj = A(c);
-        const A root = std::sqrt(A(cnt));
-        const A bh = root * lhi;
-        A cc = cj < bh ? cj : bh;
-        A dcc = dmin_a(cj, bh);
-        if (below) {
-          const A bl = root * llo;
-          dcc *= dmax_a(cc, bl);
-          cc = cc > bl ? cc : bl;
-        }
-        const A w = exp_any(clamp_log(cj, o)), wc = exp_any(clamp_log(cc, o));
-        T.w[j] = w;
-        T.wc[j] = wc;
-        T.pw[j] = w * clamp_log_pass(cj, o);
-        T.pwc[j] = wc * clamp_log_pass(cc, o) * dcc;
+        put(T, j, cumulative_ratio(A(c), A(cnt), below, o));
       }
       *c_carry = c;
       *n_carry = cnt;
@@ -297,88 +254,27 @@ FUSEDRL_HD void ratio_stage(const Options& opt, const Row<A>& row, int64_t n, Ti
   }
 }
 
-// The surrogate stage: l and its partials; clip flags.
+// The surrogate stage (policy.h surrogate_of), one loop per surrogate.
+template <int KIND, typename A> FUSEDRL_HD void surrogate_loop(const Options& o, const Row<A>& row, int64_t n, Tile<A>& T) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) put(T, j, surrogate_of<KIND>(o, row, T.w[j], T.wc[j], T.adv[j], T.x[j], T.x[j] - T.o[j]));
+}
 template <typename A> FUSEDRL_HD void surrogate_stage(const Options& opt, const Row<A>& row, int64_t n, Tile<A>& T) {
   const Options o = opt;  // a local copy: stores to the tile cannot alias it
   switch (o.surrogate) {
-    case kClip:
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        A dw, dwc, hit;
-        T.l[j] = clip_surrogate(T.w[j], T.wc[j], T.adv[j], o, &dw, &dwc, &hit);
-        T.dw[j] = dw;
-        T.dwc[j] = dwc;
-        T.f_dual[j] = hit;
-      }
-      break;
-    case kCispo:
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        T.l[j] = -T.wc[j] * T.adv[j] * T.x[j];
-        T.dx[j] = -T.wc[j] * T.adv[j];
-      }
-      break;
-    case kSapo:
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        A dw;
-        T.l[j] = sapo_surrogate(T.w[j], T.adv[j], o, &dw);
-        T.dw[j] = dw;
-      }
-      break;
-    case kReinforce:
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        T.l[j] = -T.w[j] * T.adv[j];
-        T.dw[j] = -T.adv[j];
-      }
-      break;
-    case kGpg:
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        T.l[j] = -T.adv[j] * T.x[j];
-        T.dx[j] = -T.adv[j];
-      }
-      break;
-    case kVespo: {  // -sg(phi) A x, phi from the row's sequence weight and the sign of A
-      const A log_w = row.vespo_log_w, w = row.vespo_w;
-      for (int64_t j = 0; j < n; ++j) {
-        const A phi = vespo_phi(T.adv[j], log_w, w, o);
-        T.l[j] = -phi * T.adv[j] * T.x[j];
-        T.dx[j] = -phi * T.adv[j];
-      }
-      break;
-    }
-    default: {  // geo_mean: every token carries the row's -mean(A) exp(mean rho~)
-      const A value = -row.adv_mean * row.geo;
-      // d/dx_t of the row value, times the row's token weight sum (the value is counted on each token)
-      const A scale = value * row.geo_pass * (row.count_div > A(0) ? A(1) / row.count_div : A(0));
-      for (int64_t j = 0; j < n; ++j) {
-        A drho, clipped;
-        geo_log_ratio(T.x[j] - T.o[j], T.adv[j], o, &drho, &clipped);
-        T.l[j] = value;
-        T.dx[j] = scale * drho;  // times the row's m-sum in the combine stage (geo_weight)
-        T.dw[j] = T.dwc[j] = T.f_dual[j] = A(0);
-        T.f_low[j] = (clipped != A(0) && T.adv[j] < A(0)) ? A(1) : A(0);
-        T.f_high[j] = (clipped != A(0) && T.adv[j] > A(0)) ? A(1) : A(0);
-      }
-      return;
-    }
+    case kClip: surrogate_loop<kClip>(o, row, n, T); break;
+    case kCispo: surrogate_loop<kCispo>(o, row, n, T); break;
+    case kSapo: surrogate_loop<kSapo>(o, row, n, T); break;
+    case kReinforce: surrogate_loop<kReinforce>(o, row, n, T); break;
+    case kGpg: surrogate_loop<kGpg>(o, row, n, T); break;
+    case kVespo: surrogate_loop<kVespo>(o, row, n, T); break;
+    default: surrogate_loop<kGeoMean>(o, row, n, T); break;
   }
-  if (o.surrogate == kClip || o.surrogate == kCispo) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      T.f_low[j] = clipped_low(T.w[j], T.wc[j], T.adv[j]);
-      T.f_high[j] = clipped_high(T.w[j], T.wc[j], T.adv[j]);
-    }
-  }  // else f_low, f_high stay 0 (see Tile)
 }
 
 template <typename A> FUSEDRL_HD void rollout_stage(const Options& opt, const Row<A>& row, int64_t n, Tile<A>& T) {
   const Options o = opt;  // a local copy: stores to the tile cannot alias it
-  const bool per_token = (o.rollout == kTokenTruncate || o.rollout == kTokenMask || o.rollout == kIcepop) &&
-                         o.surrogate != kGeoMean;
-  if (per_token) {
+  if (per_token_rollout(o)) {
     if (o.rollout == kTokenTruncate) {  // one loop per mode: the mode select would stop the vectorizer
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) T.q[j] = rollout_truncate(T.o[j] - T.mu[j], o);
@@ -411,13 +307,8 @@ template <typename A> FUSEDRL_HD void mask_stage(const Options& opt, const Row<A
 template <int KIND, bool STRAIGHT, bool BIAS, typename A> FUSEDRL_HD void kl_loop(int64_t n, Tile<A>& T) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    const A diff = T.x[j] - T.r[j];
-    A dk;
-    const A k = kl_value(diff, KIND, &dk);
-    if (STRAIGHT) dk = diff;
-    T.kl[j] = BIAS ? k * T.w[j] : k;
-    T.dkl_x[j] = BIAS ? dk * T.w[j] : dk;
-    T.dkl_w[j] = BIAS ? k : A(0);
+    const KlTerms<A> k = kl_terms(T.x[j], T.r[j], T.w[j], KIND, STRAIGHT, BIAS);
+    T.kl[j] = k.kl, T.dkl_x[j] = k.dx, T.dkl_w[j] = k.dw;
   }
 }
 
@@ -455,18 +346,6 @@ FUSEDRL_HD void write_row(double* out, A g, A bg, A eg, double s_sur, double s_k
   out[kKl] = s_kl;
   out[kEntropy] = s_h;
   out[kRolloutWeight] = s_q;
-}
-
-// The chain rule of one token (weight m, loss coefficient g q, KL coefficient bg) from the stages'
-// partials: dL/dw, dL/dwc and the direct dL/dx; returns dL/dw pw + dL/dwc pwc, the token's share
-// through its own ratio (dL/dc_t for the cumulative level).
-template <typename A>
-FUSEDRL_HD A chain(A m, A gq, A bg, A l_dw, A l_dwc, A l_dx, A dkl_w, A dkl_x, A pw, A pwc, A* dw, A* dwc, A* dx) {
-  const A mq = m * gq;
-  *dw = mq * l_dw + m * bg * dkl_w;
-  *dwc = mq * l_dwc;
-  *dx = mq * l_dx + m * bg * dkl_x;
-  return through_ratio(*dw, pw, *dwc, pwc);
 }
 
 // Row-coupled levels (sequence, hybrid): every valid token's gradient gets m_t dL/ds ds/d(sum m rho),
@@ -529,26 +408,23 @@ template <typename A> FUSEDRL_HD void loss_rows(const Work<A>& wk, int64_t r0, i
       A t_sur = 0, t_kl = 0, t_h = 0, t_cnt = 0, t_low = 0, t_high = 0, t_dual = 0, t_w = 0, t_q = 0, t_ds = 0;
 #pragma omp simd reduction(+ : t_sur, t_kl, t_h, t_cnt, t_low, t_high, t_dual, t_w, t_q, t_ds)
       for (int64_t j = 0; j < n; ++j) {
-        // padded tokens (m = 0) contribute exact zeros, even where a row-level value is inf
-        // (log_ratio_clamp=None): selected, not multiplied by 0
         const A m = T.m[j];
-        const bool ok = m != A(0);
-        A dw, dwc, dx;
-        const A gq = g * T.q[j] * T.keep[j];
-        const A local = chain(m, gq, bg, T.dw[j], T.dwc[j], T.dx[j] * dx_scale, T.dkl_w[j], T.dkl_x[j],
-                              T.pw[j], T.pwc[j], &dw, &dwc, &dx);  // dL/dc_t for cumulative
-        T.g[j] = ok ? (cumulative ? dx : dx + local) : A(0);
-        T.dc[j] = ok ? local : A(0);
-        t_ds += ok ? dw * T.rw[j] + dwc * T.rwc[j] : A(0);
-        t_sur += ok ? m * T.q[j] * T.keep[j] * T.l[j] : A(0);
-        t_kl += ok ? m * T.kl[j] : A(0);
+        const RatioTerms<A> r{T.w[j], T.wc[j], T.pw[j], T.pwc[j], T.rw[j], T.rwc[j]};
+        const SurrogateTerms<A> sr{T.l[j], T.dw[j], T.dwc[j], T.dx[j], T.f_low[j], T.f_high[j], T.f_dual[j]};
+        const KlTerms<A> k{T.kl[j], T.dkl_x[j], T.dkl_w[j]};
+        const TokenTerms<A> t = combine(cumulative, m, g, T.q[j], T.keep[j], bg, dx_scale, r, sr, k);
+        T.g[j] = t.gx;
+        T.dc[j] = t.dc;
+        t_ds += t.ds;
+        t_sur += t.sur;
+        t_kl += t.kl;
         t_h += m * T.h[j];
         t_cnt += m;
-        t_low += m * T.f_low[j];
-        t_high += m * T.f_high[j];
-        t_dual += m * T.f_dual[j];
-        t_w += ok ? m * T.w[j] : A(0);
-        t_q += ok ? m * T.q[j] : A(0);
+        t_low += t.low;
+        t_high += t.high;
+        t_dual += t.dual;
+        t_w += t.w;
+        t_q += t.q;
       }
       s_sur += t_sur, s_kl += t_kl, s_h += t_h, cnt += t_cnt, c_low += t_low, c_high += t_high;
       c_dual += t_dual, s_w += t_w, s_q += t_q, dlds += t_ds;
@@ -615,8 +491,7 @@ FUSEDRL_HD void local_rows(const Work<A>& wk, int64_t r0, int64_t r1) {
     // the sequence ratio s_i and its trust region: constants of the row (the statistics pass)
     Row<A> row{};
     if (SEQ) row = row_quantities<A>(a.stats + i * kNumStats, o);
-    const A s_wc = SEQ ? clip_ratio(row.s, lo, hi, below) : A(0);
-    const A s_pc = SEQ ? clip_ratio_pass(row.s, lo, hi, below) : A(0);
+    const RatioTerms<A> s_ratio = sequence_ratio(row, lo, hi, below);
     double s_sur = 0, s_kl = 0, s_h = 0, cnt = 0, c_low = 0, c_high = 0, c_dual = 0, s_w = 0, s_q = 0, dlds = 0;
     for (int64_t t0 = 0; t0 < len; t0 += kTile) {
       const int64_t n_tile = std::min(kTile, len - t0);
@@ -639,46 +514,26 @@ FUSEDRL_HD void local_rows(const Work<A>& wk, int64_t r0, int64_t r1) {
 #pragma omp simd reduction(+ : t_sur, t_kl, t_cnt, t_low, t_high, t_dual, t_w, t_q, t_ds)
       for (int64_t j = 0; j < n; ++j) {
         const A m = T.m[j], x = T.x[j], adv = T.adv[j];
-        const bool ok = m != A(0);
-        A w, pw, wc, pwc;
-        if (SEQ) {  // w = s_i for every token: no direct dependence on x_t (its share comes at the row's end)
-          w = row.s, pw = A(0), wc = s_wc, pwc = A(0);
-        } else {
-          const A rho = x - T.o[j];
-          w = exp_any(clamp_log(rho, o));
-          pw = w * clamp_log_pass(rho, o);
-          wc = clip_ratio(w, lo, hi, below);
-          pwc = clip_ratio_pass(w, lo, hi, below) * pw;
-        }
-        A l, l_dw = A(0), l_dwc = A(0), l_dx = A(0), hit = A(0);
-        if (SUR == kLocalClip) {
-          l = clip_surrogate<false>(w, wc, adv, o, &l_dw, &l_dwc, &hit);
-        } else if (SUR == kLocalClipExtra) {
-          l = clip_surrogate<true>(w, wc, adv, o, &l_dw, &l_dwc, &hit);
-        } else {  // CISPO
-          l = -wc * adv * x;
-          l_dx = -wc * adv;
-        }
-        const A f_low = clipped_low(w, wc, adv), f_high = clipped_high(w, wc, adv);
+        // SEQ: w = s_i for every token, no direct dependence on x_t (its share comes at the row's end)
+        const RatioTerms<A> r = SEQ ? s_ratio : token_ratio(x - T.o[j], lo, hi, below, o);
+        const SurrogateTerms<A> sr = SUR == kLocalCispo ? surrogate_of<kCispo>(o, row, r.w, r.wc, adv, x, A(0))
+                                                        : surrogate_of<kClip, SUR == kLocalClipExtra>(
+                                                              o, row, r.w, r.wc, adv, x, A(0));
         A q = A(1);
         if (ROLL == 1) q = rollout_truncate(T.o[j] - T.mu[j], o);
         if (ROLL == 2) q = rollout_mask(T.o[j] - T.mu[j], o);
-        A kl = A(0), dkl = A(0);
-        if (KL >= 0) kl = kl_value(x - T.r[j], KL, &dkl);
-        A dw, dwc, dx;
-        const A local = chain(m, g * q, bg, l_dw, l_dwc, l_dx, A(0), dkl, pw, pwc, &dw, &dwc, &dx);
-        // padded tokens: operands cleaned to 0 give finite terms, times m = 0 (the gradient is
-        // selected: exact +0); a row's s may be inf (log_ratio_clamp=None): its sums are selected
-        T.g[j] = ok ? dx + local : A(0);
-        t_sur += SEQ ? (ok ? m * q * l : A(0)) : m * q * l;
-        if (KL >= 0) t_kl += m * kl;
+        const KlTerms<A> k = KL >= 0 ? kl_terms(x, T.r[j], r.w, KL, false, false) : no_kl<A>();
+        const TokenTerms<A> t = combine(false, m, g, q, A(1), bg, A(1), r, sr, k);
+        T.g[j] = t.gx;
+        t_sur += t.sur;
+        if (KL >= 0) t_kl += t.kl;
         t_cnt += m;
-        t_low += m * f_low;
-        t_high += m * f_high;
-        if (SUR == kLocalClipExtra) t_dual += m * hit;
-        t_w += SEQ ? (ok ? m * w : A(0)) : m * w;
-        if (ROLL) t_q += m * q;
-        if (SEQ) t_ds += ok ? dw + dwc * s_pc : A(0);  // rw = 1, rwc = the clip's pass (ratio_stage)
+        t_low += t.low;
+        t_high += t.high;
+        if (SUR == kLocalClipExtra) t_dual += t.dual;
+        t_w += t.w;
+        if (ROLL) t_q += t.q;
+        if (SEQ) t_ds += t.ds;
       }
       A t_h = 0;
       if (has_h) {

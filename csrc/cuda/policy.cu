@@ -231,9 +231,6 @@ FUSEDRL_UNROLL
   }
 };
 
-FUSEDRL_HD float sqrt_acc(float x) { return sqrtf(x); }
-FUSEDRL_HD double sqrt_acc(double x) { return sqrt(x); }
-
 FUSEDRL_HD void row_span(const PolicyArgs& a, int64_t i, int64_t* start, int64_t* len) {
   if (a.cu_seqlens) {
     *start = a.cu_seqlens[i];
@@ -244,20 +241,17 @@ FUSEDRL_HD void row_span(const PolicyArgs& a, int64_t i, int64_t* start, int64_t
   }
 }
 
-// One token's operands, cleaned: all 0 on a padded token (mask == 0), whose operands are not read.
+// One token's operands (policy.h Token), cleaned: all 0 on a padded token (mask == 0), whose
+// operands are not read.
 enum : int { kX = 1, kO = 2, kAdv = 4, kRef = 8, kMu = 16, kH = 32 };
-template <typename A> struct Tok {
-  A m, x, o, adv, r, mu, h;
-};
-
-template <typename A> FUSEDRL_HD Tok<A> zero_token() {
-  Tok<A> k;
+template <typename A> FUSEDRL_HD Token<A> zero_token() {
+  Token<A> k;
   k.m = k.x = k.o = k.adv = k.r = k.mu = k.h = A(0);
   return k;
 }
 
-template <typename A> FUSEDRL_HD Tok<A> load_token(const PolicyArgs& a, int64_t i, int64_t pos, int which) {
-  Tok<A> k = zero_token<A>();
+template <typename A> FUSEDRL_HD Token<A> load_token(const PolicyArgs& a, int64_t i, int64_t pos, int which) {
+  Token<A> k = zero_token<A>();
   const A m = load_elem<A>(a.mask, i, pos);
   if (!(m != A(0))) return k;
   k.m = m;
@@ -299,7 +293,7 @@ FUSEDRL_HD StatPlan stat_plan(const PolicyArgs& a) {
 }
 
 template <typename A>
-FUSEDRL_HD void stats_token(const Options& o, const StatPlan& p, const Tok<A>& k, double* s, A* hmax) {
+FUSEDRL_HD void stats_token(const Options& o, const StatPlan& p, const Token<A>& k, double* s, A* hmax) {
   s[kSCount] += double(k.m);
   if (p.rho) s[kSRho] += double(k.m * (k.x - k.o));
   if (p.adv) s[kSAdv] += double(k.m * k.adv);
@@ -342,12 +336,9 @@ template <typename A, typename Blk> FUSEDRL_HD void stats_row(const PolicyArgs& 
 // ---------------------------------------------------------------------------------------------
 // pass 2: loss, metrics, gradients
 
-// What every token of row i shares.
-template <typename A> struct RowCtx {
-  Row<A> row;
-  A g, bg, eg;   // the loss, KL and entropy coefficients (beta and entropy_coef folded in)
-  A dx_scale;    // geo_mean: the row's weight sum (its value is counted on each token), else 1
-  bool has_ref, per_token_q, want_gx, want_gh;
+// What every token of row i shares: policy.h's RowTerms, and what this kernel reads and writes.
+template <typename A> struct RowCtx : RowTerms<A> {
+  bool want_gx, want_gh;
   int which;
 };
 
@@ -365,8 +356,6 @@ template <typename A> FUSEDRL_HD RowCtx<A> row_ctx(const PolicyArgs& a, int64_t 
   const A geo_weight = a.stats ? A(a.stats[i * kNumStats + kCount]) : A(0);
   rc.dx_scale = o.surrogate == kGeoMean ? geo_weight : A(1);
   rc.has_ref = a.ref_logp.p != nullptr;
-  rc.per_token_q = (o.rollout == kTokenTruncate || o.rollout == kTokenMask || o.rollout == kIcepop) &&
-                   o.surrogate != kGeoMean;
   rc.want_gx = a.grad_logp.p != nullptr;
   rc.want_gh = a.grad_entropy.p != nullptr;
   rc.which = kX | kO | kAdv | (rc.has_ref ? kRef : 0) | (o.rollout != kNoRollout ? kMu : 0) |
@@ -374,156 +363,25 @@ template <typename A> FUSEDRL_HD RowCtx<A> row_ctx(const PolicyArgs& a, int64_t 
   return rc;
 }
 
-// One token through the CPU kernel's stages (ratio, surrogate, rollout, KL, combine). c / n: the
-// inclusive prefixes sum m rho and sum m (cumulative only). Adds the token's terms to s[kNumLossSums]
-// and returns in *gx its gradient without the row term (cumulative: the direct part only) and in *dc
-// its dL/dc (cumulative).
+// One token through policy.h's composition (token_terms). c / n: the inclusive prefixes sum m rho
+// and sum m (cumulative only). Adds the token's terms to s[kNumLossSums] and returns in *gx its
+// gradient without the row term (cumulative: the direct part only) and in *dc its dL/dc (cumulative).
 template <typename A>
-FUSEDRL_HD void loss_token(const Options& o, const RowCtx<A>& rc, const Tok<A>& k, double c, double n, double* s,
+FUSEDRL_HD void loss_token(const Options& o, const RowCtx<A>& rc, const Token<A>& k, double c, double n, double* s,
                            A* gx, A* dc) {
-  const Row<A>& row = rc.row;
-  const A lo = A(o.lo), hi = A(o.hi);
-  const bool below = o.clip_below;
-  const A rho = k.x - k.o;
-
-  // ratio: w, wc, their local derivatives pw / pwc (dw/dx, or dw/dc for cumulative), row factors
-  A w, wc, pw, pwc, rw = A(0), rwc = A(0);
-  switch (o.ratio) {
-    case kToken: {
-      w = exp_any(clamp_log(rho, o));
-      pw = w * clamp_log_pass(rho, o);
-      wc = clip_ratio(w, lo, hi, below);
-      pwc = clip_ratio_pass(w, lo, hi, below) * pw;
-      break;
-    }
-    case kSequence: {
-      w = row.s;
-      wc = clip_ratio(row.s, lo, hi, below);
-      pw = pwc = A(0);
-      rw = A(1);
-      rwc = clip_ratio_pass(row.s, lo, hi, below);
-      break;
-    }
-    case kSequenceToken: {
-      const A lw = row.log_s < A(kGspoTokenLogMax) ? row.log_s : A(kGspoTokenLogMax);
-      w = exp_any(clamp_log(lw, o));
-      pw = w * (row.log_s <= A(kGspoTokenLogMax) ? A(1) : A(0)) * clamp_log_pass(lw, o);
-      wc = clip_ratio(w, lo, hi, below);
-      pwc = clip_ratio_pass(w, lo, hi, below) * pw;
-      break;
-    }
-    case kHybrid: {
-      const A slo = A(o.seq_lo), shi = A(o.seq_hi);
-      const A sc = clip_ratio(row.s, slo, shi, below), spc = clip_ratio_pass(row.s, slo, shi, below);
-      const A hmax = row.h_max;
-      const A al = o.hybrid_entropy ? (hmax > A(0) ? k.h / hmax : A(0)) : A(o.hybrid_alpha);
-      const A wt = exp_any(clamp_log(rho, o));
-      const A pt = wt * clamp_log_pass(rho, o);
-      w = al * wt + (A(1) - al) * row.s;
-      wc = al * clip_ratio(wt, lo, hi, below) + (A(1) - al) * sc;
-      pw = al * pt;
-      pwc = al * clip_ratio_pass(wt, lo, hi, below) * pt;
-      rw = A(1) - al;
-      rwc = (A(1) - al) * spc;
-      break;
-    }
-    default: {  // cumulative: w = exp(c), wc = exp(c clipped to sqrt(n) [log(1 - lo), log(1 + hi)])
-      const A cj = A(c);
-      const A root = sqrt_acc(A(n));
-      const A bh = root * A(o.log_hi);
-      A cc = cj < bh ? cj : bh;
-      A dcc = dmin_a(cj, bh);
-      if (below) {
-        const A bl = root * A(o.log_lo);
-        dcc *= dmax_a(cc, bl);
-        cc = cc > bl ? cc : bl;
-      }
-      w = exp_any(clamp_log(cj, o));
-      wc = exp_any(clamp_log(cc, o));
-      pw = w * clamp_log_pass(cj, o);
-      pwc = wc * clamp_log_pass(cc, o) * dcc;
-      break;
-    }
-  }
-
-  // surrogate: l and dl/dw, dl/dwc, dl/dx; clip flags
-  A l, dw = A(0), dwc = A(0), dx = A(0), f_low = A(0), f_high = A(0), f_dual = A(0);
-  switch (o.surrogate) {
-    case kClip: l = clip_surrogate(w, wc, k.adv, o, &dw, &dwc, &f_dual); break;
-    case kCispo:
-      l = -wc * k.adv * k.x;
-      dx = -wc * k.adv;
-      break;
-    case kSapo: l = sapo_surrogate(w, k.adv, o, &dw); break;
-    case kReinforce:
-      l = -w * k.adv;
-      dw = -k.adv;
-      break;
-    case kGpg:
-      l = -k.adv * k.x;
-      dx = -k.adv;
-      break;
-    case kVespo: {  // -sg(phi) A x, phi from the row's sequence weight and the sign of A
-      const A phi = vespo_phi(k.adv, row.vespo_log_w, row.vespo_w, o);
-      l = -phi * k.adv * k.x;
-      dx = -phi * k.adv;
-      break;
-    }
-    default: {  // geo_mean: every token carries the row's -mean(A) exp(mean rho~)
-      const A value = -row.adv_mean * row.geo;
-      const A scale = value * row.geo_pass * (row.count_div > A(0) ? A(1) / row.count_div : A(0));
-      A drho, clipped;
-      geo_log_ratio(rho, k.adv, o, &drho, &clipped);
-      l = value;
-      dx = scale * drho;  // times the row's m-sum below (dx_scale)
-      f_low = (clipped != A(0) && k.adv < A(0)) ? A(1) : A(0);
-      f_high = (clipped != A(0) && k.adv > A(0)) ? A(1) : A(0);
-      break;
-    }
-  }
-  if (o.surrogate == kClip || o.surrogate == kCispo) {
-    f_low = clipped_low(w, wc, k.adv);
-    f_high = clipped_high(w, wc, k.adv);
-  }
-
-  // rollout correction, and the masks on the surrogate
-  const A q = rc.per_token_q ? rollout_weight(k.o - k.mu, o) : row.q_row;
-  const A keep = token_keep(k.adv, k.h, row.off_kl, o);
-
-  // KL: value and its partials through x and w
-  A kl = A(0), dkl_x = A(0), dkl_w = A(0);
-  if (rc.has_ref) {
-    const A diff = k.x - k.r;
-    A dk;
-    const A kv = kl_value(diff, o.kl, &dk);
-    dk = o.kl_straight ? diff : dk;
-    kl = o.bias_kl ? kv * w : kv;
-    dkl_x = o.bias_kl ? dk * w : dk;
-    dkl_w = o.bias_kl ? kv : A(0);
-  }
-
-  // combine
-  const A m = k.m;
-  const A mq = m * rc.g * q * keep;
-  const A dw_t = mq * dw + m * rc.bg * dkl_w;
-  const A dwc_t = mq * dwc;
-  const A dx_t = mq * dx * rc.dx_scale + m * rc.bg * dkl_x;
-  const A local = through_ratio(dw_t, pw, dwc_t, pwc);  // dL/dc_t for cumulative
-  // padded tokens (m = 0) contribute exact zeros, even where a row-level value is inf
-  // (log_ratio_clamp=None): selected, not multiplied by 0 (as the CPU kernel)
-  const bool ok = m != A(0);
-  *gx = ok ? (o.ratio == kCumulative ? dx_t : dx_t + local) : A(0);
-  *dc = ok ? local : A(0);
-  s[kLDlds] += ok ? double(dw_t * rw + dwc_t * rwc) : 0.0;
-  s[kLSur] += ok ? double(m * q * keep * l) : 0.0;
-  s[kLKl] += ok ? double(m * kl) : 0.0;
-  s[kLH] += double(m * k.h);
-  s[kLCount] += double(m);
-  s[kLLow] += double(m * f_low);
-  s[kLHigh] += double(m * f_high);
-  s[kLDual] += double(m * f_dual);
-  s[kLW] += ok ? double(m * w) : 0.0;
-  s[kLQ] += ok ? double(m * q) : 0.0;
+  const TokenTerms<A> t = token_terms(o, rc, k, A(c), A(n));
+  *gx = t.gx;
+  *dc = t.dc;
+  s[kLDlds] += double(t.ds);
+  s[kLSur] += double(t.sur);
+  s[kLKl] += double(t.kl);
+  s[kLH] += double(k.m * k.h);
+  s[kLCount] += double(k.m);
+  s[kLLow] += double(t.low);
+  s[kLHigh] += double(t.high);
+  s[kLDual] += double(t.dual);
+  s[kLW] += double(t.w);
+  s[kLQ] += double(t.q);
 }
 
 template <typename A> FUSEDRL_HD void write_row(const PolicyArgs& a, int64_t i, const RowCtx<A>& rc, const double* s) {
@@ -542,7 +400,7 @@ template <typename A> FUSEDRL_HD void write_row(const PolicyArgs& a, int64_t i, 
 // The block scan of one chunk's (m rho, m): this thread's inclusive prefixes (*c, *n, the carry
 // included) and the carry moved past the chunk.
 template <typename A, typename Blk>
-FUSEDRL_HD void prefix_step(const Tok<A>& k, const Blk& blk, Pair* carry, double* c, double* n) {
+FUSEDRL_HD void prefix_step(const Token<A>& k, const Blk& blk, Pair* carry, double* c, double* n) {
   Pair v;
   v.a = double(k.m * (k.x - k.o));
   v.b = double(k.m);
@@ -567,7 +425,7 @@ FUSEDRL_UNROLL
     if (t0 >= len) continue;  // uniform over the block
     const int64_t t = t0 + blk.tid;
     const bool in = t < len;
-    const Tok<A> k = in ? load_token<A>(a, i, start + t, rc.which) : zero_token<A>();
+    const Token<A> k = in ? load_token<A>(a, i, start + t, rc.which) : zero_token<A>();
     double c = 0.0, n = 0.0;
     if constexpr (LEVEL == kLevelPrefix) prefix_step(k, blk, carry, &c, &n);
     if (in) {
@@ -587,7 +445,7 @@ FUSEDRL_HD void advance(const PolicyArgs& a, int64_t i, int64_t start, int64_t l
     const int64_t t0 = w * Shape<A>::kWindow + int64_t(j) * kThreads;
     if (t0 >= len) break;
     const int64_t t = t0 + blk.tid;
-    const Tok<A> k = t < len ? load_token<A>(a, i, start + t, kX | kO) : zero_token<A>();
+    const Token<A> k = t < len ? load_token<A>(a, i, start + t, kX | kO) : zero_token<A>();
     double c, n;
     prefix_step(k, blk, carry, &c, &n);
   }
@@ -642,7 +500,7 @@ FUSEDRL_UNROLL
     } else {  // the local parts again, token by token
       double scratch[kNumLossSums] = {};
       for (int64_t t = blk.tid; t < len; t += kThreads) {
-        const Tok<A> k = load_token<A>(a, i, start + t, rc.which);
+        const Token<A> k = load_token<A>(a, i, start + t, rc.which);
         A g, d;
         loss_token(a.opt, rc, k, 0.0, 0.0, scratch, &g, &d);
         store_elem(a.grad_logp, i, start + t, k.m != A(0) ? g + k.m * row_term : A(0));
@@ -673,7 +531,7 @@ template <typename A, int LEVEL, typename Blk> FUSEDRL_HD void loss_row(const Po
   double s[kNumLossSums] = {};
   if constexpr (LEVEL == kLevelLocal) {  // every gradient is known token by token
     for (int64_t t = blk.tid; t < len; t += kThreads) {
-      const Tok<A> k = load_token<A>(a, i, start + t, rc.which);
+      const Token<A> k = load_token<A>(a, i, start + t, rc.which);
       A gx, dc;
       loss_token(a.opt, rc, k, 0.0, 0.0, s, &gx, &dc);
       if (rc.want_gx) store_elem(a.grad_logp, i, start + t, gx);

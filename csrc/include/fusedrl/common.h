@@ -140,5 +140,7 @@ FUSEDRL_HD float log_acc(float x) { return logf(x); }
 FUSEDRL_HD double log_acc(double x) { return log(x); }
 FUSEDRL_HD float expm1_acc(float x) { return expm1f(x); }
 FUSEDRL_HD double expm1_acc(double x) { return expm1(x); }
+FUSEDRL_HD float sqrt_acc(float x) { return sqrtf(x); }
+FUSEDRL_HD double sqrt_acc(double x) { return sqrt(x); }
 
 }  // namespace fusedrl

@@ -364,5 +364,247 @@ template <typename A> FUSEDRL_HD Row<A> row_quantities(const double* stats, cons
   return r;
 }
 
+// ---- the stages of one token ----
+// The loss pass of every kernel composes these: ratio -> surrogate -> rollout weight and masks ->
+// KL -> combine. CUDA applies them token by token (token_terms); the CPU's tile path runs each
+// stage over a tile (one loop per option value, so that every loop vectorizes) and its local path
+// fuses them in one loop per template instance; Triton mirrors each function under the same name
+// (python/fusedrl/kernels/policy.py).
+
+// The ratio stage: w, wc and their local derivatives pw = dw/dx, pwc = dwc/dx (dw/dc, dwc/dc for the
+// cumulative level), and rw, rwc: the factors of the row's dL/ds (sequence, hybrid).
+template <typename A> struct RatioTerms {
+  A w, wc, pw, pwc, rw, rwc;
+};
+
+// token: w = exp(rho); lo, hi, below: the trust region (clip_ratio)
+template <typename A> FUSEDRL_HD RatioTerms<A> token_ratio(A rho, A lo, A hi, bool below, const Options& o) {
+  RatioTerms<A> r;
+  r.w = exp_any(clamp_log(rho, o));
+  r.pw = r.w * clamp_log_pass(rho, o);
+  r.wc = clip_ratio(r.w, lo, hi, below);
+  r.pwc = clip_ratio_pass(r.w, lo, hi, below) * r.pw;
+  r.rw = r.rwc = A(0);
+  return r;
+}
+// sequence: w = s_i for every token; its dependence on x goes through the row's dL/ds
+template <typename A> FUSEDRL_HD RatioTerms<A> sequence_ratio(const Row<A>& row, A lo, A hi, bool below) {
+  RatioTerms<A> r;
+  r.w = row.s;
+  r.wc = clip_ratio(row.s, lo, hi, below);
+  r.pw = r.pwc = A(0);
+  r.rw = A(1);
+  r.rwc = clip_ratio_pass(row.s, lo, hi, below);
+  return r;
+}
+// sequence-token (GSPO-token): w = exp(min(log s_i, 10)), the gradient a token ratio's
+template <typename A> FUSEDRL_HD RatioTerms<A> sequence_token_ratio(const Row<A>& row, A lo, A hi, bool below,
+                                                                   const Options& o) {
+  const A lw = row.log_s < A(kGspoTokenLogMax) ? row.log_s : A(kGspoTokenLogMax);
+  RatioTerms<A> r;
+  r.w = exp_any(clamp_log(lw, o));
+  r.pw = r.w * (row.log_s <= A(kGspoTokenLogMax) ? A(1) : A(0)) * clamp_log_pass(lw, o);
+  r.wc = clip_ratio(r.w, lo, hi, below);
+  r.pwc = clip_ratio_pass(r.w, lo, hi, below) * r.pw;
+  r.rw = r.rwc = A(0);
+  return r;
+}
+// hybrid: w = a w_token + (1 - a) s_i, a = hybrid_alpha or h / max_row(h) (hybrid_mixing="entropy")
+template <typename A> FUSEDRL_HD A hybrid_mix(A h, const Row<A>& row, const Options& o) {
+  return o.hybrid_entropy ? (row.h_max > A(0) ? h / row.h_max : A(0)) : A(o.hybrid_alpha);
+}
+template <typename A>
+FUSEDRL_HD RatioTerms<A> hybrid_ratio(A rho, A mix, const Row<A>& row, A lo, A hi, bool below, const Options& o) {
+  const A slo = A(o.seq_lo), shi = A(o.seq_hi);
+  const A wt = exp_any(clamp_log(rho, o));
+  const A pt = wt * clamp_log_pass(rho, o);
+  RatioTerms<A> r;
+  r.w = mix * wt + (A(1) - mix) * row.s;
+  r.wc = mix * clip_ratio(wt, lo, hi, below) + (A(1) - mix) * clip_ratio(row.s, slo, shi, below);
+  r.pw = mix * pt;
+  r.pwc = mix * clip_ratio_pass(wt, lo, hi, below) * pt;
+  r.rw = A(1) - mix;
+  r.rwc = (A(1) - mix) * clip_ratio_pass(row.s, slo, shi, below);
+  return r;
+}
+// cumulative: w = exp(c), wc = exp(c clipped to sqrt(n) [log(1 - lo), log(1 + hi)]), with c and n
+// the prefix sums of m rho and m up to the token (the caller's scan)
+template <typename A> FUSEDRL_HD RatioTerms<A> cumulative_ratio(A c, A n, bool below, const Options& o) {
+  const A root = sqrt_acc(n);
+  const A bh = root * A(o.log_hi);
+  A cc = c < bh ? c : bh;
+  A dcc = dmin_a(c, bh);
+  if (below) {
+    const A bl = root * A(o.log_lo);
+    dcc *= dmax_a(cc, bl);
+    cc = cc > bl ? cc : bl;
+  }
+  RatioTerms<A> r;
+  r.w = exp_any(clamp_log(c, o));
+  r.wc = exp_any(clamp_log(cc, o));
+  r.pw = r.w * clamp_log_pass(c, o);
+  r.pwc = r.wc * clamp_log_pass(cc, o) * dcc;
+  r.rw = r.rwc = A(0);
+  return r;
+}
+template <typename A>
+FUSEDRL_HD RatioTerms<A> ratio_terms(const Options& o, const Row<A>& row, A rho, A h, A c, A n) {
+  const A lo = A(o.lo), hi = A(o.hi);
+  const bool below = o.clip_below;
+  switch (o.ratio) {
+    case kToken: return token_ratio(rho, lo, hi, below, o);
+    case kSequence: return sequence_ratio(row, lo, hi, below);
+    case kSequenceToken: return sequence_token_ratio(row, lo, hi, below, o);
+    case kHybrid: return hybrid_ratio(rho, hybrid_mix(h, row, o), row, lo, hi, below, o);
+    default: return cumulative_ratio(c, n, below, o);
+  }
+}
+
+// The surrogate stage: l, its partials dl/dw, dl/dwc and the direct dl/dx, and the clip flags.
+template <typename A> struct SurrogateTerms {
+  A l, dw, dwc, dx, f_low, f_high, f_dual;
+};
+
+// KIND: a Surrogate code. EXTRA (clip): false when delta and the dual clip are both absent.
+template <int KIND, bool EXTRA = true, typename A>
+FUSEDRL_HD SurrogateTerms<A> surrogate_of(const Options& o, const Row<A>& row, A w, A wc, A adv, A x, A rho) {
+  SurrogateTerms<A> s;
+  s.dw = s.dwc = s.dx = s.f_low = s.f_high = s.f_dual = A(0);
+  if constexpr (KIND == kClip) {
+    s.l = clip_surrogate<EXTRA>(w, wc, adv, o, &s.dw, &s.dwc, &s.f_dual);
+  } else if constexpr (KIND == kCispo) {  // -sg(wc) A x
+    s.l = -wc * adv * x;
+    s.dx = -wc * adv;
+  } else if constexpr (KIND == kSapo) {
+    s.l = sapo_surrogate(w, adv, o, &s.dw);
+  } else if constexpr (KIND == kReinforce) {
+    s.l = -w * adv;
+    s.dw = -adv;
+  } else if constexpr (KIND == kGpg) {
+    s.l = -adv * x;
+    s.dx = -adv;
+  } else if constexpr (KIND == kVespo) {  // -sg(phi) A x, phi from the row's sequence weight and the sign of A
+    const A phi = vespo_phi(adv, row.vespo_log_w, row.vespo_w, o);
+    s.l = -phi * adv * x;
+    s.dx = -phi * adv;
+  } else {  // geo_mean: every token carries the row's -mean(A) exp(mean rho~)
+    const A value = -row.adv_mean * row.geo;
+    // d/dx_t of the row value; times the row's weight sum in combine (dx_scale: the value is
+    // counted on each token)
+    const A scale = value * row.geo_pass * (row.count_div > A(0) ? A(1) / row.count_div : A(0));
+    A drho, clipped;
+    geo_log_ratio(rho, adv, o, &drho, &clipped);
+    s.l = value;
+    s.dx = scale * drho;
+    s.f_low = (clipped != A(0) && adv < A(0)) ? A(1) : A(0);
+    s.f_high = (clipped != A(0) && adv > A(0)) ? A(1) : A(0);
+  }
+  if constexpr (KIND == kClip || KIND == kCispo) {
+    s.f_low = clipped_low(w, wc, adv);
+    s.f_high = clipped_high(w, wc, adv);
+  }
+  return s;
+}
+template <typename A>
+FUSEDRL_HD SurrogateTerms<A> surrogate_terms(const Options& o, const Row<A>& row, A w, A wc, A adv, A x, A rho) {
+  switch (o.surrogate) {
+    case kClip: return surrogate_of<kClip>(o, row, w, wc, adv, x, rho);
+    case kCispo: return surrogate_of<kCispo>(o, row, w, wc, adv, x, rho);
+    case kSapo: return surrogate_of<kSapo>(o, row, w, wc, adv, x, rho);
+    case kReinforce: return surrogate_of<kReinforce>(o, row, w, wc, adv, x, rho);
+    case kGpg: return surrogate_of<kGpg>(o, row, w, wc, adv, x, rho);
+    case kVespo: return surrogate_of<kVespo>(o, row, w, wc, adv, x, rho);
+    default: return surrogate_of<kGeoMean>(o, row, w, wc, adv, x, rho);
+  }
+}
+
+// The rollout weight of a token: per token from d = o - mu, else the row's (sequence modes,
+// geo_mean, none: 1).
+FUSEDRL_HD bool per_token_rollout(const Options& o) {
+  return (o.rollout == kTokenTruncate || o.rollout == kTokenMask || o.rollout == kIcepop) && o.surrogate != kGeoMean;
+}
+template <typename A> FUSEDRL_HD A token_rollout_weight(const Options& o, const Row<A>& row, A d) {
+  return per_token_rollout(o) ? rollout_weight(d, o) : row.q_row;
+}
+
+// The KL stage: the value (times w with the bias correction) and its partials through x and w.
+// STRAIGHT: the "+" kinds (value of `kind`, gradient of k2).
+template <typename A> struct KlTerms {
+  A kl, dx, dw;
+};
+template <typename A> FUSEDRL_HD KlTerms<A> kl_terms(A x, A r, A w, int kind, bool straight, bool bias) {
+  const A diff = x - r;
+  A dk;
+  const A k = kl_value(diff, kind, &dk);
+  if (straight) dk = diff;
+  KlTerms<A> t;
+  t.kl = bias ? k * w : k;
+  t.dx = bias ? dk * w : dk;
+  t.dw = bias ? k : A(0);
+  return t;
+}
+template <typename A> FUSEDRL_HD KlTerms<A> no_kl() {
+  KlTerms<A> t;
+  t.kl = t.dx = t.dw = A(0);
+  return t;
+}
+
+// combine: the chain rule of one token (mask weight m, loss coefficient g, rollout weight q, the
+// masks' keep, KL coefficient bg; dx_scale multiplies the surrogate's direct partial) and what the
+// row sums add: gx = dL/dx_t (the direct part, plus the part through the token's own ratio but for
+// the cumulative level), dc = dL/dc_t (cumulative: the part through the ratio), ds = the token's
+// share of the row's dL/ds, and m times the loss, KL, ratio, rollout weight and clip flags. A padded
+// token (m = 0) gives exact zeros, selected rather than multiplied, even where a row value is inf
+// (log_ratio_clamp=None).
+template <typename A> struct TokenTerms {
+  A gx, dc, ds, sur, kl, w, q, low, high, dual;
+};
+template <typename A>
+FUSEDRL_HD TokenTerms<A> combine(bool cumulative, A m, A g, A q, A keep, A bg, A dx_scale, const RatioTerms<A>& r,
+                                 const SurrogateTerms<A>& s, const KlTerms<A>& k) {
+  const A mq = m * (g * q * keep);
+  const A dw = mq * s.dw + m * bg * k.dw;
+  const A dwc = mq * s.dwc;
+  const A dx = mq * (s.dx * dx_scale) + m * bg * k.dx;
+  const A local = through_ratio(dw, r.pw, dwc, r.pwc);
+  const bool ok = m != A(0);
+  TokenTerms<A> t;
+  t.gx = ok ? (cumulative ? dx : dx + local) : A(0);
+  t.dc = ok ? local : A(0);
+  t.ds = ok ? dw * r.rw + dwc * r.rwc : A(0);
+  t.sur = ok ? m * q * keep * s.l : A(0);
+  t.kl = ok ? m * k.kl : A(0);
+  t.w = ok ? m * r.w : A(0);
+  t.q = ok ? m * q : A(0);
+  t.low = m * s.f_low;
+  t.high = m * s.f_high;
+  t.dual = m * s.f_dual;
+  return t;
+}
+
+// One token's operands (0 on a padded token) and the constants of its row.
+template <typename A> struct Token {
+  A m, x, o, adv, r, mu, h;
+};
+template <typename A> struct RowTerms {
+  Row<A> row;
+  A g, bg, eg;   // the loss, KL and entropy coefficients (beta and entropy_coef folded in)
+  A dx_scale;    // geo_mean: the row's weight sum (its value is counted on each token), else 1
+  bool has_ref;
+};
+
+// The whole composition for one token (c, n: the cumulative level's prefix sums through it).
+template <typename A> FUSEDRL_HD TokenTerms<A> token_terms(const Options& o, const RowTerms<A>& rt, const Token<A>& k,
+                                                           A c, A n) {
+  const Row<A>& row = rt.row;
+  const A rho = k.x - k.o;
+  const RatioTerms<A> r = ratio_terms(o, row, rho, k.h, c, n);
+  const SurrogateTerms<A> s = surrogate_terms(o, row, r.w, r.wc, k.adv, k.x, rho);
+  const A q = token_rollout_weight(o, row, k.o - k.mu);
+  const A keep = token_keep(k.adv, k.h, row.off_kl, o);
+  const KlTerms<A> kt = rt.has_ref ? kl_terms(k.x, k.r, r.w, o.kl, o.kl_straight, o.bias_kl) : no_kl<A>();
+  return combine(o.ratio == kCumulative, k.m, rt.g, q, keep, rt.bg, rt.dx_scale, r, s, kt);
+}
+
 }  // namespace policy
 }  // namespace fusedrl

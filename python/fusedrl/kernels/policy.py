@@ -21,10 +21,10 @@ here                      fusedrl/policy.h / csrc/cpu/policy.cpp
 ``_kl_value``             ``kl_value`` (value, derivative)
 ``_geo_log_ratio``        ``geo_log_ratio``
 ``_row_quantities``       ``row_quantities`` (the Row struct, from the pass-1 statistics)
-``_ratio_stage``,         ``ratio_stage``, ``surrogate_stage``, ``rollout_stage``, ``kl_stage`` /
-``_surrogate_stage``,     ``kl_loop`` of csrc/cpu/policy.cpp, on one block of BLOCK tokens
-``_rollout_stage``,
-``_kl_stage``
+``_ratio_terms``,         the stages of one token, ``ratio_terms``, ``surrogate_terms``,
+``_surrogate_terms``,     ``token_rollout_weight``, ``kl_terms`` and ``combine``, on one block of
+``_token_rollout_weight``, BLOCK tokens (returned as tuples where C++ returns a struct)
+``_kl_terms``, ``_combine``
 ``_stats_kernel``         ``stats_rows`` (pass 1): one program per row
 ``_loss_kernel``          ``loss_rows`` (pass 2): one program per row
 ``_store_as``             ``store`` / ``from_float<D>``: float64 stores as is, other outputs through
@@ -460,10 +460,10 @@ def _stats_kernel(
 
 
 @triton.jit
-def _ratio_stage(x, o, m, h, row_s, row_log_s, row_h_max, c_carry, n_carry,
+def _ratio_terms(x, o, m, h, row_s, row_log_s, row_h_max, c_carry, n_carry,
                  lo, hi, seq_lo, seq_hi, log_lo, log_hi, below, hybrid_alpha, has_clamp, clamp,
                  RATIO: tl.constexpr, HYBRID_ENTROPY: tl.constexpr, ACC: tl.constexpr):
-    """ratio_stage: (w, wc, pw, pwc, rw, rwc, c_carry, n_carry) of one block; pw / pwc are
+    """ratio_terms (RatioTerms) and the carried prefixes: (w, wc, pw, pwc, rw, rwc, c_carry, n_carry); pw / pwc are
     dw/dx and dwc/dx (dw/dc for cumulative), rw / rwc the factors of the row's dL/ds."""
     zero = tl.zeros(x.shape, ACC)
     if RATIO == TOKEN:
@@ -533,10 +533,10 @@ def _ratio_stage(x, o, m, h, row_s, row_log_s, row_h_max, c_carry, n_carry,
 
 
 @triton.jit
-def _surrogate_stage(w, wc, x, o, adv, row_adv_mean, row_geo, row_geo_pass, row_count_div, row_vespo_log_w,
+def _surrogate_terms(w, wc, x, o, adv, row_adv_mean, row_geo, row_geo_pass, row_count_div, row_vespo_log_w,
                      row_vespo_w, has_delta, delta, has_dual, dual, tau_pos, tau_neg, geo_lo, geo_hi,
                      k_pos, lambda_pos, k_neg, lambda_neg, SURROGATE: tl.constexpr, ACC: tl.constexpr):
-    """surrogate_stage: (l, dl/dw, dl/dwc, dl/dx, clipped-low flag, clipped-high flag, dual flag)."""
+    """surrogate_terms (SurrogateTerms): (l, dl/dw, dl/dwc, dl/dx, clipped-low, clipped-high, dual flag)."""
     zero = tl.zeros(x.shape, ACC)
     if SURROGATE == CLIP:
         l, dw, dwc, f_dual = _clip_surrogate(w, wc, adv, has_delta, delta, has_dual, dual)
@@ -594,9 +594,9 @@ def _surrogate_stage(w, wc, x, o, adv, row_adv_mean, row_geo, row_geo_pass, row_
 
 
 @triton.jit
-def _rollout_stage(o, mu, row_q, has_cap, cap, has_cap_low, cap_low, has_clamp, clamp,
+def _token_rollout_weight(o, mu, row_q, has_cap, cap, has_cap_low, cap_low, has_clamp, clamp,
                    SURROGATE: tl.constexpr, ROLLOUT: tl.constexpr, ACC: tl.constexpr):
-    """rollout_stage: the token weight q (per token, or the row's q_row)."""
+    """token_rollout_weight: the token weight q (per token, or the row's q_row)."""
     PER_TOKEN: tl.constexpr = ((ROLLOUT == TOKEN_TRUNCATE) or (ROLLOUT == TOKEN_MASK) or (ROLLOUT == ICEPOP)) and (
         SURROGATE != GEO_MEAN)
     if PER_TOKEN:
@@ -607,8 +607,8 @@ def _rollout_stage(o, mu, row_q, has_cap, cap, has_cap_low, cap_low, has_clamp, 
 
 
 @triton.jit
-def _kl_stage(x, r, w, kl_straight, bias_kl, KL: tl.constexpr):
-    """kl_stage / kl_loop: (kl, dkl/dx, dkl/dw)."""
+def _kl_terms(x, r, w, kl_straight, bias_kl, KL: tl.constexpr):
+    """kl_terms (KlTerms): (kl, dkl/dx, dkl/dw)."""
     diff = x - r
     k, dk = _kl_value(diff, KL)
     dk = tl.where(kl_straight != 0, diff, dk)
@@ -617,6 +617,30 @@ def _kl_stage(x, r, w, kl_straight, bias_kl, KL: tl.constexpr):
     dkl_x = tl.where(bias, dk * w, dk)
     dkl_w = tl.where(bias, k, 0.0)
     return kl, dkl_x, dkl_w
+
+
+@triton.jit
+def _combine(m, g, q, keep, bg, dx_scale, pw, pwc, rw, rwc, w, l, dw_l, dwc_l, dx_l, f_low, f_high, f_dual,
+             kl, dkl_x, dkl_w, IS_CUMULATIVE: tl.constexpr):
+    """combine (TokenTerms): (gx, dc, ds, sur, kl, w, q, low, high, dual); exact zeros on padded
+    tokens (selected, as in C++)."""
+    mq = m * (g * q * keep)
+    dw = mq * dw_l + m * bg * dkl_w
+    dwc = mq * dwc_l
+    dx = mq * (dx_l * dx_scale) + m * bg * dkl_x
+    local = _through_ratio(dw, pw, dwc, pwc)
+    ok = m != 0
+    if IS_CUMULATIVE:
+        gx = tl.where(ok, dx, 0.0)
+    else:
+        gx = tl.where(ok, dx + local, 0.0)
+    dc = tl.where(ok, local, 0.0)
+    ds = tl.where(ok, dw * rw + dwc * rwc, 0.0)
+    sur = tl.where(ok, m * q * keep * l, 0.0)
+    kl_t = tl.where(ok, m * kl, 0.0)
+    w_t = tl.where(ok, m * w, 0.0)
+    q_t = tl.where(ok, m * q, 0.0)
+    return gx, dc, ds, sur, kl_t, w_t, q_t, m * f_low, m * f_high, m * f_dual
 
 
 @triton.jit
@@ -716,10 +740,10 @@ def _loss_kernel(
             h = _load(h_ptr, i, s_h_row, s_h_tok, pos, inb, ok, ACC)
         else:
             h = tl.zeros((BLOCK,), ACC)
-        w, wc, pw, pwc, rw, rwc, c_carry, n_carry = _ratio_stage(
+        w, wc, pw, pwc, rw, rwc, c_carry, n_carry = _ratio_terms(
             x, o, m, h, row_s, log_s, h_max, c_carry, n_carry, lo_a, hi_a, seq_lo_a, seq_hi_a, log_lo_a, log_hi_a,
             clip_below, alpha_a, has_clamp, clamp_a, RATIO, HYBRID_ENTROPY, ACC)
-        l, dw_l, dwc_l, dx_l, f_low, f_high, f_dual = _surrogate_stage(
+        l, dw_l, dwc_l, dx_l, f_low, f_high, f_dual = _surrogate_terms(
             w, wc, x, o, adv, adv_mean, geo, geo_pass, count_div, vespo_log_w, vespo_w, has_delta, delta_a, has_dual,
             dual_a, tau_pos_a, tau_neg_a, geo_lo_a, geo_hi_a, k_pos_a, lambda_pos_a, k_neg_a, lambda_neg_a,
             SURROGATE, ACC)
@@ -727,44 +751,38 @@ def _loss_kernel(
             mu = _load(mu_ptr, i, s_mu_row, s_mu_tok, pos, inb, ok, ACC)
         else:
             mu = tl.zeros((BLOCK,), ACC)
-        q = _rollout_stage(o, mu, q_row, has_cap, cap_a, has_cap_low, cap_low_a, has_clamp, clamp_a,
+        q = _token_rollout_weight(o, mu, q_row, has_cap, cap_a, has_cap_low, cap_low_a, has_clamp, clamp_a,
                            SURROGATE, ROLLOUT, ACC)
         keep = _token_keep(adv, h, off_kl, off_threshold_a, entropy_threshold_a, HAS_OFF_POLICY_MASK, HAS_ENTROPY_MASK)
         if HAS_REF:
             r = _load(ref_ptr, i, s_r_row, s_r_tok, pos, inb, ok, ACC)
-            kl, dkl_x, dkl_w = _kl_stage(x, r, w, kl_straight, bias_kl, KL)
+            kl, dkl_x, dkl_w = _kl_terms(x, r, w, kl_straight, bias_kl, KL)
         else:
             kl = tl.zeros((BLOCK,), ACC)
             dkl_x = kl
             dkl_w = kl
-        # combine; the row sums take float64 values of the real tokens (lanes past the row excluded)
-        mq = m * g * q * keep
-        dw = mq * dw_l + m * bg * dkl_w
-        dwc = mq * dwc_l
-        dx = mq * dx_l * dx_scale + m * bg * dkl_x
-        local = _through_ratio(dw, pw, dwc, pwc)  # dL/dc_t for cumulative
-        # padded tokens contribute exact zeros, even where a row value is inf (selected, as the CPU)
-        real = inb & (m != 0)
-        dx = tl.where(real, dx, 0.0)
-        local = tl.where(real, local, 0.0)
-        dlds += tl.sum(tl.where(real, (dw * rw + dwc * rwc).to(tl.float64), 0.0), axis=0)
-        s_sur += tl.sum(tl.where(real, (m * q * keep * l).to(tl.float64), 0.0), axis=0)
-        s_kl += tl.sum(tl.where(real, (m * kl).to(tl.float64), 0.0), axis=0)
+        # combine; the row sums take float64 values (lanes past the row have m = 0: exact zeros)
+        gx_t, dc_t, ds_t, sur_t, kl_t, w_t, q_t, low_t, high_t, dual_t = _combine(
+            m, g, q, keep, bg, dx_scale, pw, pwc, rw, rwc, w, l, dw_l, dwc_l, dx_l, f_low, f_high, f_dual,
+            kl, dkl_x, dkl_w, IS_CUMULATIVE)
+        dlds += tl.sum(ds_t.to(tl.float64), axis=0)
+        s_sur += tl.sum(sur_t.to(tl.float64), axis=0)
+        s_kl += tl.sum(kl_t.to(tl.float64), axis=0)
         s_h += tl.sum(tl.where(inb, (m * h).to(tl.float64), 0.0), axis=0)
         cnt += tl.sum(tl.where(inb, m.to(tl.float64), 0.0), axis=0)
-        c_low += tl.sum(tl.where(inb, (m * f_low).to(tl.float64), 0.0), axis=0)
-        c_high += tl.sum(tl.where(inb, (m * f_high).to(tl.float64), 0.0), axis=0)
-        c_dual += tl.sum(tl.where(inb, (m * f_dual).to(tl.float64), 0.0), axis=0)
-        s_w += tl.sum(tl.where(real, (m * w).to(tl.float64), 0.0), axis=0)
-        s_q += tl.sum(tl.where(real, (m * q).to(tl.float64), 0.0), axis=0)
+        c_low += tl.sum(tl.where(inb, low_t.to(tl.float64), 0.0), axis=0)
+        c_high += tl.sum(tl.where(inb, high_t.to(tl.float64), 0.0), axis=0)
+        c_dual += tl.sum(tl.where(inb, dual_t.to(tl.float64), 0.0), axis=0)
+        s_w += tl.sum(w_t.to(tl.float64), axis=0)
+        s_q += tl.sum(q_t.to(tl.float64), axis=0)
         if HAS_GX:
             if IS_CUMULATIVE:
-                tl.store(scr_g_ptr + scr + offs, dx.to(ACC), mask=inb)
-                tl.store(scr_c_ptr + scr + offs, local.to(ACC), mask=inb)
+                tl.store(scr_g_ptr + scr + offs, gx_t.to(ACC), mask=inb)
+                tl.store(scr_c_ptr + scr + offs, dc_t.to(ACC), mask=inb)
             elif IS_COUPLED:
-                tl.store(scr_g_ptr + scr + offs, (dx + local).to(ACC), mask=inb)
+                tl.store(scr_g_ptr + scr + offs, gx_t.to(ACC), mask=inb)
             else:
-                _store_as(gx_ptr, i * s_gx_row + pos * s_gx_tok, dx + local, inb)
+                _store_as(gx_ptr, i * s_gx_row + pos * s_gx_tok, gx_t, inb)
         if HAS_GH:
             _store_as(gh_ptr, i * s_gh_row + pos * s_gh_tok, -eg * m, inb)
     if HAS_GX:
