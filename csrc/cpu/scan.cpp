@@ -25,12 +25,10 @@ namespace fusedrl {
 namespace cpu {
 namespace {
 
-// Rows scanned together. Two chains hide the latency of the carry (measured: 1 row 1.9 ms, 2 rows
-// 1.0 ms for GAE at B=512, T=4096, fp32, 2 threads). More rows do not pay: the rows walk T in
-// lockstep, so at a power-of-two row stride every stream of every row (rewards, values, mask,
-// advantages, returns) falls in the same L1 set, and 4 rows' 20 streams thrash an 8-way L1: 10 ms
-// at T=4096 against 1.1 ms at T=4000 (8 rows: 19 ms). Two rows' 10 streams measured 1.06 ms at
-// T=4096 and 0.96 ms at T=4000 (csrc driver over this file, the same machine).
+// Rows scanned together. Two chains hide the latency of the carry. More rows do not pay: the rows
+// walk T in lockstep, so at a power-of-two row stride every stream of every row (rewards, values,
+// mask, advantages, returns) falls in the same L1 set, and 4 rows' 20 streams thrash an 8-way L1;
+// two rows' 10 streams do not (measurements: benchmarks/NOTES.md).
 constexpr int kRows = 2;
 
 template <typename T> struct Acc { using type = float; };

@@ -1,9 +1,7 @@
-// Segment (group) statistics on the CPU. Dense group ids are first sorted into a CSR layout by a
-// stable counting sort (rows of a group in increasing row order); contiguous fixed-size groups
-// need none. Groups are then spread over OpenMP threads, each group reduced sequentially by one
-// thread, so the results do not depend on the thread count. The per-group math is
-// fusedrl/segments.h, shared with the CUDA kernel. group_advantages (the second half) is one call
-// from rewards to advantages: runs of group_size rows, or raw ids keyed and summed in row order.
+// Group advantages on the CPU in one call, from rewards to advantages: the layout's statistics,
+// every row's advantage, the combine and the batch finish, deterministic whatever the thread
+// count. Runs of group_size rows (moments: csrc/cpu/moments4.h), or raw ids keyed and summed in
+// row order (keys: csrc/cpu/keyed_ids.h). The per-group math is fusedrl/segments.h.
 #include "fusedrl/segments_args.h"
 #include "cpu/isa.h"
 
@@ -13,538 +11,14 @@
 #include <vector>
 #include <omp.h>
 
+#include "cpu/keyed_ids.h"
+#include "cpu/moments4.h"
+#include "cpu/segment_scratch.h"
 #include "fusedrl/segments.h"
 
 namespace fusedrl {
 namespace cpu {
 namespace {
-
-// group_advantages' sums of one group over a slice of rows (keyed layout), C columns: the rows,
-// then per column the shift (the group's first value), the sums of d = x - shift and of d^2, as
-// 1 + 3C doubles {n, shift[C], s1[C], s2[C]} (one entry per group: a row's C columns update
-// side by side; C = 1 is Sums).
-struct Sums {
-  double n, shift, s1, s2;
-};
-struct SumsRef {
-  const double* e;
-  int64_t C;
-  FUSEDRL_HD double n() const { return e[0]; }
-  FUSEDRL_HD double shift(int64_t c) const { return e[1 + c]; }
-  FUSEDRL_HD double s1(int64_t c) const { return e[1 + C + c]; }
-  FUSEDRL_HD double s2(int64_t c) const { return e[1 + 2 * C + c]; }
-};
-
-// Host scratch reused across calls by each calling thread: a fresh multi-page std::vector costs a
-// page fault per 4 KiB on first touch (measured here: a 65,536-row group_advantages call went from
-// 1.17 to 1.07 ms, 1 thread). Kept while its capacity is at most kKeepBytes, released after a
-// bigger call.
-struct Scratch {
-  std::vector<int64_t> slot, keys, vals, offsets, order, next, ties, first;
-  std::vector<double> acc, X, W, Y, mx, wsum, wx, below, gmax, inv, mean, second;
-  std::vector<int32_t> number, kept;
-  std::vector<uint8_t> seen;
-  std::vector<SegmentMoments> mom;
-  std::vector<SegmentResult> res;
-  size_t bytes() const;
-};
-constexpr size_t kKeepBytes = size_t(64) << 20;
-
-size_t Scratch::bytes() const {
-  size_t b = seen.capacity() + 4 * (number.capacity() + kept.capacity()) + 8 * (slot.capacity() + keys.capacity() + vals.capacity() + offsets.capacity() +
-                  order.capacity() + next.capacity() + ties.capacity() + first.capacity() +
-                  X.capacity() + W.capacity() + Y.capacity() + acc.capacity() + mean.capacity() +
-                  mx.capacity() + wsum.capacity() + wx.capacity() + below.capacity() + gmax.capacity() +
-                  inv.capacity() + second.capacity());
-  return b + sizeof(SegmentMoments) * mom.capacity() +
-         sizeof(SegmentResult) * res.capacity();
-}
-
-Scratch& scratch() {
-  thread_local Scratch s;
-  return s;
-}
-
-void release_if_big(Scratch& s) {
-  if (s.bytes() > kKeepBytes) s = Scratch();
-}
-
-// The CSR layout of dense ids in [0, G): rows of group g at order[offsets[g] ..], in row order
-// (a stable counting sort).
-template <typename Id>
-void csr(const Id* index, int64_t M, int64_t G, Scratch& s) {
-  s.offsets.assign(G + 1, 0);
-  s.order.resize(M > 0 ? M : 1);
-  for (int64_t r = 0; r < M; ++r) ++s.offsets[index[r] + 1];
-  for (int64_t g = 0; g < G; ++g) s.offsets[g + 1] += s.offsets[g];
-  s.next.assign(s.offsets.begin(), s.offsets.end() - 1);
-  for (int64_t r = 0; r < M; ++r) s.order[s.next[index[r]]++] = r;
-}
-
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-template <typename T>
-FUSEDRL_HD void group_rows(const SegmentArgs& a, int64_t g0, int64_t g1) {
-  for (int64_t g = g0; g < g1; ++g) segment_group<T, typename Acc<T>::type>(a, g);
-}
-
-using GroupsFn = void (*)(const SegmentArgs&, int64_t, int64_t);
-
-FUSEDRL_ISA_VARIANTS(groups_f32, SegmentArgs, group_rows, float)
-FUSEDRL_ISA_VARIANTS(groups_bf16, SegmentArgs, group_rows, bf16_t)
-FUSEDRL_ISA_VARIANTS(groups_f16, SegmentArgs, group_rows, f16_t)
-FUSEDRL_ISA_VARIANTS(groups_f64, SegmentArgs, group_rows, double)
-
-const GroupsFn kGroups[4] = {groups_f32(), groups_bf16(), groups_f16(), groups_f64()};
-
-}  // namespace
-
-bool segment_stats(const SegmentArgs& in) {
-  if (in.dtype < 0 || in.dtype > 3) return false;
-  const GroupsFn fn = kGroups[in.dtype];
-  SegmentArgs a = in;
-  const int64_t G = a.G, M = a.M;
-  if (G <= 0) return true;
-  Scratch& sc = scratch();
-  if (a.index) {
-    csr(a.index, M, G, sc);
-    a.offsets = sc.offsets.data();
-    a.order = sc.order.data();
-  }
-  // The split only decides which thread reduces which group: the results do not depend on it.
-  const int64_t work = M * (a.C > 0 ? a.C : 1);
-  const int64_t want = std::max<int64_t>(1, std::min<int64_t>(a.num_threads, work / 8192));
-  const int nt = static_cast<int>(std::min<int64_t>(want, G));
-  if (nt == 1) {
-    fn(a, 0, G);
-  } else {
-#pragma omp parallel num_threads(nt)
-    {
-      const int64_t tid = omp_get_thread_num(), cnt = omp_get_num_threads();
-      fn(a, G * tid / cnt, G * (tid + 1) / cnt);
-    }
-  }
-  release_if_big(sc);
-  return true;
-}
-
-// ------------------------------------------------------------------------------------------------
-// Group advantages in one call (group_advantages_impl below): the layout's statistics, every
-// row's advantage, the combine and the batch finish, deterministic whatever the thread count.
-
-namespace {
-
-// ---- column_moments over a contiguous run, 4 lanes at a time ----
-// The CPU twin of column_moments (fusedrl/segments.h) for values x[0, n) read in place (and OPO
-// weights w, or null): each sum is one 4-lane vector whose lane j adds the terms k = j mod 4 of
-// the whole blocks of 4; the tail goes to lane 0 and the lanes are added as (0 + 1) + (2 + 3):
-// sum4's order, so the result is the header's. GCC vector extensions: AVX2 / AVX-512 / SSE2
-// code from one source, in each ISA variant (everything here is inlined into them).
-typedef double d4 __attribute__((vector_size(32)));
-typedef int64_t i4 __attribute__((vector_size(32)));
-
-
-// 4-wide helpers. (d4 arguments and results: everything here is always inlined into an ISA
-// variant, so -Wpsabi's ABI change of a vector passed between baseline functions never happens.)
-#pragma GCC diagnostic ignored "-Wpsabi"
-// 4 consecutive values as doubles; 4 doubles stored (unaligned).
-template <typename T>
-FUSEDRL_HD d4 load4(const T* x) {
-  return d4{load_double(x), load_double(x + 1), load_double(x + 2), load_double(x + 3)};
-}
-FUSEDRL_HD void store4(double* y, const d4& v) { __builtin_memcpy(y, &v, sizeof(v)); }
-
-// The 4x4 transpose of rows a, b, c, d into col[0..3].
-FUSEDRL_HD void transpose4(const d4& a, const d4& b, const d4& c, const d4& d, d4* col) {
-  const i4 even = {0, 4, 2, 6}, odd = {1, 5, 3, 7}, low = {0, 1, 4, 5}, high = {2, 3, 6, 7};
-  const d4 t0 = __builtin_shuffle(a, b, even), t1 = __builtin_shuffle(a, b, odd);  // a0 b0 a2 b2, a1 b1 a3 b3
-  const d4 t2 = __builtin_shuffle(c, d, even), t3 = __builtin_shuffle(c, d, odd);
-  col[0] = __builtin_shuffle(t0, t2, low);
-  col[1] = __builtin_shuffle(t1, t3, low);
-  col[2] = __builtin_shuffle(t0, t2, high);
-  col[3] = __builtin_shuffle(t1, t3, high);
-}
-
-// Lane j: the lanes of the j-th of a, b, c, d added as (0 + 1) + (2 + 3) (the header's order).
-FUSEDRL_HD d4 lanes4(const d4& a, const d4& b, const d4& c, const d4& d) {
-  d4 col[4];
-  transpose4(a, b, c, d, col);
-  return (col[0] + col[1]) + (col[2] + col[3]);
-}
-FUSEDRL_HD double lanes(const d4& v, double first) { return (first + v[1]) + (v[2] + v[3]); }
-
-template <typename S, typename WT>
-FUSEDRL_HD SegmentMoments moments_run(const S* x, const WT* w, int64_t n) {
-  SegmentMoments s;
-  s.n = double(n);
-  const int64_t n4 = n & ~int64_t(3);
-  d4 mx = {-HUGE_VAL, -HUGE_VAL, -HUGE_VAL, -HUGE_VAL};
-  i4 nan4 = {0, 0, 0, 0};
-  for (int64_t k = 0; k < n4; k += 4) {
-    const d4 v = load4(x + k);
-    mx = v > mx ? v : mx;
-    nan4 |= v != v;
-  }
-  double m = -HUGE_VAL;
-  bool nan = (nan4[0] | nan4[1] | nan4[2] | nan4[3]) != 0;
-  for (int j = 0; j < 4; ++j) m = mx[j] > m ? mx[j] : m;
-  for (int64_t k = n4; k < n; ++k) {
-    const double v = load_double(x + k);
-    m = v > m ? v : m;
-    nan |= v != v;
-  }
-  m = nan ? NAN : m;
-  s.max = m;
-  d4 acc = {0, 0, 0, 0};
-  for (int64_t k = 0; k < n4; k += 4) acc += load4(x + k) - m;
-  double first = acc[0];
-  for (int64_t k = n4; k < n; ++k) first += load_double(x + k) - m;
-  s.shifted = lanes(acc, first);
-  if (w) {
-    d4 acc_w = {0, 0, 0, 0}, acc_wx = {0, 0, 0, 0};
-    for (int64_t k = 0; k < n4; k += 4) {
-      const d4 wk = load4(w + k);
-      acc_w += wk;
-      acc_wx += wk * (load4(x + k) - m);
-    }
-    double fw = acc_w[0], fwx = acc_wx[0];
-    for (int64_t k = n4; k < n; ++k) {
-      fw += load_double(w + k);
-      fwx += load_double(w + k) * (load_double(x + k) - m);
-    }
-    s.wsum = lanes(acc_w, fw);
-    s.wx = lanes(acc_wx, fwx);
-  }
-  const double mu = segment_mean(s);
-  acc = d4{0, 0, 0, 0};
-  for (int64_t k = 0; k < n4; k += 4) {
-    const d4 d = load4(x + k) - mu;
-    acc += d * d;
-  }
-  first = acc[0];
-  for (int64_t k = n4; k < n; ++k) {
-    const double d = load_double(x + k) - mu;
-    first += d * d;
-  }
-  s.sq = lanes(acc, first);
-  return s;
-}
-
-// The moments of 4 runs of n values at once (run j at x + j * stride, weights w + j * stride or
-// null), lane j holding run j: each lane keeps sum4's order (4 accumulators by k mod 4, the tail
-// into the first, (0 + 1) + (2 + 3)), the terms of moments_run in the same order (the compiler's
-// FMA contraction may still round a last bit differently, so which path a run takes is fixed by
-// its index, not by the thread count), while the 4 runs' dependency chains (max, sums, mean,
-// squared deviations) run side by side instead of one after another: 14-27% faster on runs of 16.
-template <typename S, typename WT>
-FUSEDRL_HD void moments_run4(const S* x, const WT* w, int64_t stride, int64_t n, SegmentMoments* out) {
-  const S *x0 = x, *x1 = x + stride, *x2 = x + 2 * stride, *x3 = x + 3 * stride;
-#define FUSEDRL_LANES(p0, p1, p2, p3, k) \
-  (d4{load_double((p0) + (k)), load_double((p1) + (k)), load_double((p2) + (k)), load_double((p3) + (k))})
-#define FUSEDRL_X(k) FUSEDRL_LANES(x0, x1, x2, x3, k)
-// lane-wise sum4 of the d4 expression EXPR(k) into OUT (no lambda: lambdas do not inherit the ISA
-// variant's target, and a vector returned from a baseline function goes through memory)
-#define FUSEDRL_SUM4(OUT, EXPR)                                   \
-  {                                                               \
-    d4 a0 = zero, a1 = zero, a2 = zero, a3 = zero;                \
-    for (int64_t k = 0; k < n4; k += 4) {                         \
-      { const int64_t q = k; a0 += EXPR(q); }                     \
-      { const int64_t q = k + 1; a1 += EXPR(q); }                 \
-      { const int64_t q = k + 2; a2 += EXPR(q); }                 \
-      { const int64_t q = k + 3; a3 += EXPR(q); }                 \
-    }                                                             \
-    for (int64_t q = n4; q < n; ++q) a0 += EXPR(q);               \
-    OUT = (a0 + a1) + (a2 + a3);                                  \
-  }
-  const int64_t n4 = n & ~int64_t(3);
-  const d4 zero = {0, 0, 0, 0};
-  d4 mx = {-HUGE_VAL, -HUGE_VAL, -HUGE_VAL, -HUGE_VAL};
-  i4 nan = {0, 0, 0, 0};
-  for (int64_t k = 0; k < n; ++k) {
-    const d4 v = FUSEDRL_X(k);
-    mx = v > mx ? v : mx;
-    nan |= v != v;
-  }
-  const d4 nans = {NAN, NAN, NAN, NAN};
-  const d4 m = nan != 0 ? nans : mx;
-  d4 shifted, wsum = zero, wx = zero, sq;
-#define FUSEDRL_SHIFTED(q) (FUSEDRL_X(q) - m)
-  FUSEDRL_SUM4(shifted, FUSEDRL_SHIFTED)
-  if (w) {
-    const WT *w0 = w, *w1 = w + stride, *w2 = w + 2 * stride, *w3 = w + 3 * stride;
-#define FUSEDRL_W(q) FUSEDRL_LANES(w0, w1, w2, w3, q)
-#define FUSEDRL_WX(q) (FUSEDRL_W(q) * (FUSEDRL_X(q) - m))
-    FUSEDRL_SUM4(wsum, FUSEDRL_W)
-    FUSEDRL_SUM4(wx, FUSEDRL_WX)
-#undef FUSEDRL_W
-#undef FUSEDRL_WX
-  }
-  d4 mu;
-  for (int j = 0; j < 4; ++j) {
-    SegmentMoments& s = out[j];
-    s = SegmentMoments();
-    s.n = double(n);
-    s.max = m[j];
-    s.shifted = shifted[j];
-    s.wsum = wsum[j];
-    s.wx = wx[j];
-    mu[j] = segment_mean(s);
-  }
-#define FUSEDRL_SQ(q) ((FUSEDRL_X(q) - mu) * (FUSEDRL_X(q) - mu))
-  FUSEDRL_SUM4(sq, FUSEDRL_SQ)
-  for (int j = 0; j < 4; ++j) out[j].sq = sq[j];
-#undef FUSEDRL_SQ
-#undef FUSEDRL_SHIFTED
-#undef FUSEDRL_SUM4
-#undef FUSEDRL_X
-#undef FUSEDRL_LANES
-}
-
-// moments_run4 for n a multiple of 4 and no weights, with contiguous loads: each run's sums in
-// one 4-lane accumulator (lane l adds the terms k = l mod 4) as in moments_run, the 4 runs' chains
-// side by side, and the 4 accumulators' lanes added by one transpose as (0 + 1) + (2 + 3): the
-// header's order. moments_run4 (lane j holds run j) gathers every value with a scalar load and an
-// insert. With the block's statistics finished together (run_block) and a multiply for the
-// division of every row: 116 -> 103 us for the kernel on groups of 16, K = 1 (65,536 rows, 1
-// thread, min of 5 alternated runs of 800 calls).
-template <typename S>
-FUSEDRL_HD void moments_run4c(const S* x, int64_t stride, int64_t n, SegmentMoments* out) {
-  const S* run[4] = {x, x + stride, x + 2 * stride, x + 3 * stride};
-  const d4 zero = {0, 0, 0, 0}, low = {-HUGE_VAL, -HUGE_VAL, -HUGE_VAL, -HUGE_VAL};
-  d4 mx[4] = {low, low, low, low};
-  i4 nan[4] = {};
-  for (int64_t k = 0; k < n; k += 4) {
-    for (int j = 0; j < 4; ++j) {
-      const d4 v = load4(run[j] + k);
-      mx[j] = v > mx[j] ? v : mx[j];
-      nan[j] |= v != v;
-    }
-  }
-  d4 m;
-  for (int j = 0; j < 4; ++j) {  // moments_run's max
-    double mj = -HUGE_VAL;
-    for (int l = 0; l < 4; ++l) mj = mx[j][l] > mj ? mx[j][l] : mj;
-    m[j] = (nan[j][0] | nan[j][1] | nan[j][2] | nan[j][3]) != 0 ? NAN : mj;
-  }
-  d4 acc[4] = {zero, zero, zero, zero};
-  for (int64_t k = 0; k < n; k += 4) {
-    for (int j = 0; j < 4; ++j) acc[j] += load4(run[j] + k) - m[j];
-  }
-  const d4 shifted = lanes4(acc[0], acc[1], acc[2], acc[3]);
-  const d4 mu = m + shifted / double(n);  // segment_mean, n >= 4
-  for (int j = 0; j < 4; ++j) acc[j] = zero;
-  for (int64_t k = 0; k < n; k += 4) {
-    for (int j = 0; j < 4; ++j) {
-      const d4 d = load4(run[j] + k) - mu[j];
-      acc[j] += d * d;
-    }
-  }
-  const d4 sq = lanes4(acc[0], acc[1], acc[2], acc[3]);
-  for (int j = 0; j < 4; ++j) {
-    SegmentMoments& s = out[j];
-    s.n = double(n);
-    s.max = m[j];
-    s.shifted = shifted[j];
-    s.sq = sq[j];
-    s.wsum = 0;
-    s.wx = 0;
-  }
-}
-
-// Reader of column_extremes over a contiguous run.
-template <typename S>
-struct Run {
-  const S* v;
-  FUSEDRL_HD double x(int64_t k) const { return load_double(v + k); }
-};
-
-// ---- the keyed layout ----
-
-// id - lo as an index, for id in [lo, lo + range]: int64 ids in 64-bit arithmetic; 32-bit ids
-// (int32 ids, or the low 32 bits of int64 ids when range < 2^32) modulo 2^32, exact for any
-// range < 2^32.
-FUSEDRL_HD uint64_t id_offset(int64_t id, uint64_t lo) { return uint64_t(id) - lo; }
-FUSEDRL_HD uint64_t id_offset(int32_t id, uint64_t lo) { return uint32_t(id) - uint32_t(lo); }
-
-// The dense key (group) of row r of raw ids: number[id_r - lo] (int32), looked up by pass 1 as it
-// reads the row (rows_with_keys). Id: the type the ids are read as (int32 or int64).
-template <typename Id>
-struct Keys {
-  const Id* ids;
-  int64_t stride;
-  uint64_t lo;
-  const int32_t* number;
-  int64_t operator()(int64_t r) const { return number[id_offset(ids[r * stride], lo)]; }
-};
-
-// Where the dense keys come from (make_keys): raw ids (int32 or int64), or the low 32 bits of
-// int64 ids, with their numbering; or the hash path's int64 keys with number = identity.
-struct KeySource {
-  const void* ids;
-  bool int32;
-  int64_t stride;
-  uint64_t lo;
-  const int32_t* number;
-  template <typename Id>
-  Keys<Id> get() const {
-    return Keys<Id>{static_cast<const Id*>(ids), stride, lo, number};
-  }
-};
-
-// The min and max of rows [r0, r1) of ids (to *lo and *hi); for contiguous ids a loop the compiler
-// vectorizes (in the ISA variants: AVX2 compares int64, the baseline ISA cannot). With low set
-// (int64 ids), also their low 32 bits to low [M].
-template <typename I>
-struct MinMaxJob {
-  const I* ids;
-  int64_t stride;
-  int64_t *lo, *hi;
-  int32_t* low;
-};
-
-template <typename I>
-FUSEDRL_HD void minmax_body(const MinMaxJob<I>& j, int64_t r0, int64_t r1) {
-  const I* ids = j.ids;
-  const int64_t stride = j.stride;
-  int64_t lo = int64_t(ids[r0 * stride]), hi = lo;
-  int32_t* low = j.low;
-  if (stride == 1) {
-    I l = ids[r0], h = l;
-    for (int64_t r = r0; r < r1; ++r) {  // (gcc unswitches on low: both loops vectorized)
-      l = ids[r] < l ? ids[r] : l;
-      h = ids[r] > h ? ids[r] : h;
-      if (low) low[r] = int32_t(uint32_t(ids[r]));
-    }
-    lo = int64_t(l);
-    hi = int64_t(h);
-  } else {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t v = int64_t(ids[r * stride]);
-      lo = v < lo ? v : lo;
-      hi = v > hi ? v : hi;
-      if (low) low[r] = int32_t(uint32_t(v));
-    }
-  }
-  *j.lo = lo;
-  *j.hi = hi;
-}
-
-using MinMax32Fn = void (*)(const MinMaxJob<int32_t>&, int64_t, int64_t);
-using MinMax64Fn = void (*)(const MinMaxJob<int64_t>&, int64_t, int64_t);
-FUSEDRL_ISA_VARIANTS(minmax_i32, MinMaxJob<int32_t>, minmax_body, int32_t)
-FUSEDRL_ISA_VARIANTS(minmax_i64, MinMaxJob<int64_t>, minmax_body, int64_t)
-
-MinMax32Fn minmax_fn(const int32_t*) {
-  static const MinMax32Fn fn = minmax_i32();
-  return fn;
-}
-MinMax64Fn minmax_fn(const int64_t*) {
-  static const MinMax64Fn fn = minmax_i64();
-  return fn;
-}
-
-// marks[id - base] = 1 for the ids of rows [r0, r1). A function of its own with restrict
-// pointers: in a lambda capturing by reference, the byte store may alias the captures, which the
-// profile showed reloaded from the stack on every row.
-template <typename I>
-void mark_ids(const I* __restrict ids, int64_t stride, uint64_t base, uint8_t* __restrict marks, int64_t r0,
-              int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) marks[id_offset(ids[r * stride], base)] = 1;
-}
-
-// The dense keys of raw ids and their number G. When the ids span less than 4 M + 1024 values,
-// the ids present are marked with plain byte stores (nt threads, each over its slice of rows into
-// its own byte map: no read-modify-write chain, unlike a bitmap's OR) and numbered in increasing
-// order, 8 at a time (the exclusive prefix count of 8 bytes of 0/1 is one multiplication); pass 1
-// then looks each row's key up in number [range] (int32) as it reads the row, instead of a
-// separate pass storing them. int64 ids: the min/max pass also stores their low 32 bits in
-// sc.kept [M] (which pass 1 then overwrites with the keys), and the marking and pass 1 read those
-// (offsets modulo 2^32, exact as range < 2^32): the 8-byte ids are read once, not three times
-// (at 65,536 rows their 512 KB do not stay in a 512 KB L2 between passes). Else a hash table
-// (open addressing, one thread) numbers them by first appearance into sc.slot [M] and number is
-// the identity.
-template <typename I>
-KeySource make_keys(const I* ids, int64_t stride, int64_t M, Scratch& sc, int nt, int64_t& G) {
-  G = 0;
-  KeySource out{ids, std::is_same<I, int32_t>::value, stride, 0, nullptr};
-  if (M == 0) return out;
-  const int64_t parts = std::min<int64_t>(nt, 8);
-  int64_t los[8], his[8];
-  auto in_parts = [&](const auto& body) {
-    if (parts <= 1) {
-      body(int64_t(0));
-      return;
-    }
-#pragma omp parallel num_threads(static_cast<int>(parts))
-    body(int64_t(omp_get_thread_num()));
-  };
-  const auto minmax = minmax_fn(ids);
-  sc.kept.resize(size_t(M));
-  int32_t* low = std::is_same<I, int64_t>::value ? sc.kept.data() : nullptr;
-  in_parts([&](int64_t t) {
-    minmax(MinMaxJob<I>{ids, stride, los + t, his + t, low}, M * t / parts, M * (t + 1) / parts);
-  });
-  const int64_t lo = *std::min_element(los, los + parts), hi = *std::max_element(his, his + parts);
-  const uint64_t range = uint64_t(hi) - uint64_t(lo);  // no overflow for any int64 pair
-  if (range < uint64_t(4 * M + 1024) && range < (uint64_t(1) << 32)) {
-    if (low) out = KeySource{low, true, 1, 0, nullptr};
-    const int64_t span = int64_t(range) + 1, padded = (span + 7) & ~int64_t(7);
-    std::vector<uint8_t>& seen = sc.seen;
-    seen.resize(size_t(parts * padded));
-    in_parts([&](int64_t t) {
-      uint8_t* own = seen.data() + t * padded;
-      std::memset(own, 0, size_t(padded));
-      if (low) {
-        mark_ids(low, 1, uint64_t(lo), own, M * t / parts, M * (t + 1) / parts);
-      } else {
-        mark_ids(ids, stride, uint64_t(lo), own, M * t / parts, M * (t + 1) / parts);
-      }
-    });
-    std::vector<int32_t>& number = sc.number;
-    number.resize(size_t(padded));
-    int32_t* num = number.data();
-    uint64_t n = 0;
-    for (int64_t i = 0; i < padded; i += 8) {
-      uint64_t any = 0;
-      for (int64_t t = 0; t < parts; ++t) {
-        uint64_t w;
-        std::memcpy(&w, seen.data() + t * padded + i, 8);
-        any |= w;
-      }
-      // bytes of 0/1: byte j of any * 0x0101.. is the count of bytes 0..j (little-endian byte
-      // order), at most 8, so no carries; minus any: the count before byte j
-      const uint64_t incl = any * 0x0101010101010101ull, excl = incl - any;
-      for (int j = 0; j < 8; ++j) num[i + j] = int32_t(n + ((excl >> (8 * j)) & 0xff));
-      n += incl >> 56;
-    }
-    G = int64_t(n);
-    out.lo = uint64_t(lo);
-    out.number = num;
-    return out;
-  }
-  int bits = 4;  // open addressing, linear probing, at most half full
-  while ((int64_t(1) << bits) < 2 * M) ++bits;
-  const uint64_t mask = (uint64_t(1) << bits) - 1;
-  std::vector<int64_t>&keys = sc.keys, &vals = sc.vals, &slot = sc.slot;
-  keys.resize(mask + 1);
-  vals.assign(mask + 1, -1);
-  slot.resize(M);
-  for (int64_t r = 0; r < M; ++r) {
-    const int64_t v = int64_t(ids[r * stride]);
-    uint64_t h = (uint64_t(v) * 0x9E3779B97F4A7C15ull) >> (64 - bits);
-    while (vals[h] >= 0 && keys[h] != v) h = (h + 1) & mask;
-    if (vals[h] < 0) {
-      keys[h] = v;
-      vals[h] = G++;
-    }
-    slot[r] = vals[h];
-  }
-  std::vector<int32_t>& number = sc.number;
-  number.resize(size_t(G));
-  for (int64_t g = 0; g < G; ++g) number[g] = int32_t(g);
-  return KeySource{slot.data(), false, 1, 0, number.data()};
-}
 
 // ---- group advantages ----
 // Two layouts. Runs (group_size): each group's rows are contiguous, one thread reduces a group
@@ -552,12 +26,11 @@ KeySource make_keys(const I* ids, int64_t stride, int64_t M, Scratch& sc, int nt
 // (its group), then one pass over the rows in row order adds each row into its group's sums
 // (keyed_sums: shifted by a group value, so one pass gives the mean and the variance) and a
 // second pass writes every row's advantage: the rows are read in order and only the per-group
-// arrays are accessed at random, which beats sorting the rows into groups (the random reads and
-// writes of [M] arrays a sort needs cost ~4 ns a row on this machine; the first version, a
-// counting sort, took 0.9 ms at 65,536 rows, 2 threads; this one about 0.3 ms). The pass runs
-// over S slices of rows, S fixed by M (one per 32,768 rows, at most 8; not by the thread count:
-// fewer, larger slices measured faster than one per 16,384 rows), each slice into its own sums,
-// combined in slice order: each group's sums are in a fixed order whatever the number of threads.
+// arrays are accessed at random, which beats sorting the rows into groups (a sort's random reads
+// and writes of [M] arrays cost more than the whole pass). The pass runs over S slices of rows, S
+// fixed by M (one per 32,768 rows, at most 8; not by the thread count: fewer, larger slices are
+// faster), each slice into its own sums, combined in slice order: each group's sums are in a fixed
+// order whatever the number of threads (measurements: benchmarks/NOTES.md).
 
 // The plan of one call, read by the loops below.
 struct GaPlan {
@@ -634,8 +107,7 @@ FUSEDRL_HD void ga_gather(const GaPlan& p, int64_t r0, int64_t r1) {
     }
   } else if (a.combine == kSumThenNormalize) {
     // combine_row's sum, column by column (vectorizes over rows), in blocks of 256 rows whose X
-    // stays in L1 across the columns (a whole column pass per column: 7% slower for the call at
-    // K = 4, groups of 16, 1 thread)
+    // stays in L1 across the columns (rather than a whole column pass per column)
     for (int64_t b0 = r0; b0 < r1; b0 += 256) {
       const int64_t b1 = std::min<int64_t>(b0 + 256, r1);
       for (int64_t r = b0; r < b1; ++r) X[r] = 0.0;
@@ -782,8 +254,8 @@ struct Cols {
 // Rows [r0, r1) in row order with their dense keys: body(r, g); the keys are also kept [M] for
 // the later passes (a sequential read there instead of two dependent loads). The keys of a block
 // of 64 rows are looked up first, independent loads many in flight, before the block's
-// read-modify-writes (the call measured 12% faster, 1 thread, than with the key looked up row by
-// row in every pass; a software prefetch of the group entry 8 rows ahead measured 6% slower).
+// read-modify-writes (faster than looking the key up row by row in every pass, and than a software
+// prefetch of the group entry ahead: benchmarks/NOTES.md).
 template <typename Id, typename Body>
 FUSEDRL_HD void rows_with_keys(const Keys<Id>& key, int32_t* kept, int64_t r0, int64_t r1, const Body& body) {
   constexpr int64_t B = 64;
@@ -1151,8 +623,8 @@ int group_advantages_impl(const GroupAdvantageArgs& a) {
     }
   };
   // 1. the values in row order X [C, M] (scalarized unless C = K), unless one contiguous column
-  //    is read in place (a separate pass: gathering run by run inside the groups loop measured
-  //    slower); the keyed passes read OPO's weights from W, runs read them in place
+  //    is read in place (a separate pass: faster than gathering run by run inside the groups
+  //    loop); the keyed passes read OPO's weights from W, runs read them in place
   std::vector<double>&X = sc.X, &W = sc.W, &Y = sc.Y;
   // (keyed normalize_then_sum reads the columns in place: the [C, M] doubles of X are 4x the
   // bytes of float32 rewards, and no longer fit in L2 at 65,536 rows, K = 4; not with the batch
@@ -1259,9 +731,8 @@ int group_advantages_impl(const GroupAdvantageArgs& a) {
   }
   // 4. the batch finish, in one parallel region: the moments of Y over fixed chunks of rows (by
   //    M, not by the thread count), combined in chunk order by every thread (Chan et al.'s
-  //    pairwise update of the mean and the squared deviations), then the rows. Before, one thread
-  //    took the moments between two regions while the other slept: 560 -> 513 us for the kernel
-  //    at 65,536 shuffled ids, normalize_then_sum K = 4, 2 threads.
+  //    pairwise update of the mean and the squared deviations), then the rows: no thread waits
+  //    between two regions while one takes the moments.
   if (!p.direct) {
     const bool stats = a.finish != kFinishNone;
     constexpr int64_t kChunk = 8192;
@@ -1316,6 +787,7 @@ int group_advantages(const GroupAdvantageArgs& a) {
     default: return kGroupBadDtype;
   }
 }
+
 
 }  // namespace cpu
 }  // namespace fusedrl
