@@ -307,7 +307,7 @@ template <typename A> FUSEDRL_HD void mask_stage(const Options& opt, const Row<A
 template <int KIND, bool STRAIGHT, bool BIAS, typename A> FUSEDRL_HD void kl_loop(int64_t n, Tile<A>& T) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    const KlTerms<A> k = kl_terms(T.x[j], T.r[j], T.w[j], KIND, STRAIGHT, BIAS);
+    const KlTerms<A> k = kl_of<KIND, STRAIGHT, BIAS>(T.x[j], T.r[j], T.w[j]);
     T.kl[j] = k.kl, T.dkl_x[j] = k.dx, T.dkl_w[j] = k.dw;
   }
 }
@@ -491,7 +491,9 @@ FUSEDRL_HD void local_rows(const Work<A>& wk, int64_t r0, int64_t r1) {
     // the sequence ratio s_i and its trust region: constants of the row (the statistics pass)
     Row<A> row{};
     if (SEQ) row = row_quantities<A>(a.stats + i * kNumStats, o);
+    // (as scalars: a struct read inside the loop below stays in memory)
     const RatioTerms<A> s_ratio = sequence_ratio(row, lo, hi, below);
+    const A seq_w = s_ratio.w, seq_wc = s_ratio.wc, seq_rwc = s_ratio.rwc;
     double s_sur = 0, s_kl = 0, s_h = 0, cnt = 0, c_low = 0, c_high = 0, c_dual = 0, s_w = 0, s_q = 0, dlds = 0;
     for (int64_t t0 = 0; t0 < len; t0 += kTile) {
       const int64_t n_tile = std::min(kTile, len - t0);
@@ -515,14 +517,24 @@ FUSEDRL_HD void local_rows(const Work<A>& wk, int64_t r0, int64_t r1) {
       for (int64_t j = 0; j < n; ++j) {
         const A m = T.m[j], x = T.x[j], adv = T.adv[j];
         // SEQ: w = s_i for every token, no direct dependence on x_t (its share comes at the row's end)
-        const RatioTerms<A> r = SEQ ? s_ratio : token_ratio(x - T.o[j], lo, hi, below, o);
-        const SurrogateTerms<A> sr = SUR == kLocalCispo ? surrogate_of<kCispo>(o, row, r.w, r.wc, adv, x, A(0))
-                                                        : surrogate_of<kClip, SUR == kLocalClipExtra>(
-                                                              o, row, r.w, r.wc, adv, x, A(0));
+        const RatioTerms<A> r = SEQ ? RatioTerms<A>{seq_w, seq_wc, A(0), A(0), A(1), seq_rwc}
+                                    : token_ratio(x - T.o[j], lo, hi, below, o);
+        // surrogate_of<kClip> / <kCispo> and kl_of written out with this loop's locals: GCC does not
+        // vectorize the loop through them (their zeroed out-parameters stay in memory)
+        A l, l_dw = A(0), l_dwc = A(0), l_dx = A(0), hit = A(0);
+        if (SUR == kLocalCispo) {
+          l = -r.wc * adv * x;
+          l_dx = -r.wc * adv;
+        } else {
+          l = clip_surrogate<SUR == kLocalClipExtra>(r.w, r.wc, adv, o, &l_dw, &l_dwc, &hit);
+        }
+        const SurrogateTerms<A> sr{l, l_dw, l_dwc, l_dx, clipped_low(r.w, r.wc, adv), clipped_high(r.w, r.wc, adv), hit};
         A q = A(1);
         if (ROLL == 1) q = rollout_truncate(T.o[j] - T.mu[j], o);
         if (ROLL == 2) q = rollout_mask(T.o[j] - T.mu[j], o);
-        const KlTerms<A> k = KL >= 0 ? kl_terms(x, T.r[j], r.w, KL, false, false) : no_kl<A>();
+        A kl = A(0), dkl = A(0);
+        if (KL >= 0) kl = kl_value<(KL >= 0 ? KL : 0)>(x - T.r[j], &dkl);
+        const KlTerms<A> k{kl, dkl, A(0)};
         const TokenTerms<A> t = combine(false, m, g, q, A(1), bg, A(1), r, sr, k);
         T.g[j] = t.gx;
         t_sur += t.sur;

@@ -283,28 +283,33 @@ template <typename A> FUSEDRL_HD A rollout_weight(A d, const Options& o) {
   return truncate ? rollout_truncate(d, o) : rollout_mask(d, o);
 }
 
-// ---- KL estimators of diff = x - r: value of the kind, derivative (k2's for the "+" kinds) ----
-template <typename A> FUSEDRL_HD A kl_value(A diff, int kind, A* deriv) {
-  switch (kind) {
-    case kK1: *deriv = A(1); return diff;
-    case kAbs: *deriv = diff > A(0) ? A(1) : (diff < A(0) ? A(-1) : A(0)); return diff < A(0) ? -diff : diff;
-    case kK2: *deriv = diff; return A(0.5) * diff * diff;
-    case kK3: {
-      const A d = -diff;
-      const A e = exp_any(d);
-      *deriv = A(1) - e;
-      return e - d - A(1);
-    }
-    default: {  // low_var_kl
-      const A d0 = -diff;
-      const A d = clampv(d0, A(-kLowVarLogBound), A(kLowVarLogBound));
-      const A e = exp_any(d);
-      const A v0 = e - d - A(1);
-      const A v = clampv(v0, A(-kLowVarValueBound), A(kLowVarValueBound));
-      *deriv = (A(1) - e) * inside(d0, A(-kLowVarLogBound), A(kLowVarLogBound)) *
-               inside(v0, A(-kLowVarValueBound), A(kLowVarValueBound));
-      return v;
-    }
+// ---- KL estimators of diff = x - r: value of the kind KIND, derivative (k2's for the "+" kinds) ----
+// KIND is a template argument, as in Triton (kl_terms dispatches on the runtime code): a switch left
+// inside the loop's inlined code keeps the derivative in memory and stops GCC's vectorizer.
+template <int KIND, typename A> FUSEDRL_HD A kl_value(A diff, A* deriv) {
+  if constexpr (KIND == kK1) {
+    *deriv = A(1);
+    return diff;
+  } else if constexpr (KIND == kAbs) {
+    *deriv = diff > A(0) ? A(1) : (diff < A(0) ? A(-1) : A(0));
+    return diff < A(0) ? -diff : diff;
+  } else if constexpr (KIND == kK2) {
+    *deriv = diff;
+    return A(0.5) * diff * diff;
+  } else if constexpr (KIND == kK3) {
+    const A d = -diff;
+    const A e = exp_any(d);
+    *deriv = A(1) - e;
+    return e - d - A(1);
+  } else {  // low_var_kl
+    const A d0 = -diff;
+    const A d = clampv(d0, A(-kLowVarLogBound), A(kLowVarLogBound));
+    const A e = exp_any(d);
+    const A v0 = e - d - A(1);
+    const A v = clampv(v0, A(-kLowVarValueBound), A(kLowVarValueBound));
+    *deriv = (A(1) - e) * inside(d0, A(-kLowVarLogBound), A(kLowVarLogBound)) *
+             inside(v0, A(-kLowVarValueBound), A(kLowVarValueBound));
+    return v;
   }
 }
 
@@ -379,35 +384,21 @@ template <typename A> struct RatioTerms {
 
 // token: w = exp(rho); lo, hi, below: the trust region (clip_ratio)
 template <typename A> FUSEDRL_HD RatioTerms<A> token_ratio(A rho, A lo, A hi, bool below, const Options& o) {
-  RatioTerms<A> r;
-  r.w = exp_any(clamp_log(rho, o));
-  r.pw = r.w * clamp_log_pass(rho, o);
-  r.wc = clip_ratio(r.w, lo, hi, below);
-  r.pwc = clip_ratio_pass(r.w, lo, hi, below) * r.pw;
-  r.rw = r.rwc = A(0);
-  return r;
+  const A w = exp_any(clamp_log(rho, o));
+  const A pw = w * clamp_log_pass(rho, o);
+  return RatioTerms<A>{w, clip_ratio(w, lo, hi, below), pw, clip_ratio_pass(w, lo, hi, below) * pw, A(0), A(0)};
 }
 // sequence: w = s_i for every token; its dependence on x goes through the row's dL/ds
 template <typename A> FUSEDRL_HD RatioTerms<A> sequence_ratio(const Row<A>& row, A lo, A hi, bool below) {
-  RatioTerms<A> r;
-  r.w = row.s;
-  r.wc = clip_ratio(row.s, lo, hi, below);
-  r.pw = r.pwc = A(0);
-  r.rw = A(1);
-  r.rwc = clip_ratio_pass(row.s, lo, hi, below);
-  return r;
+  return RatioTerms<A>{row.s, clip_ratio(row.s, lo, hi, below), A(0), A(0), A(1), clip_ratio_pass(row.s, lo, hi, below)};
 }
 // sequence-token (GSPO-token): w = exp(min(log s_i, 10)), the gradient a token ratio's
 template <typename A> FUSEDRL_HD RatioTerms<A> sequence_token_ratio(const Row<A>& row, A lo, A hi, bool below,
                                                                    const Options& o) {
   const A lw = row.log_s < A(kGspoTokenLogMax) ? row.log_s : A(kGspoTokenLogMax);
-  RatioTerms<A> r;
-  r.w = exp_any(clamp_log(lw, o));
-  r.pw = r.w * (row.log_s <= A(kGspoTokenLogMax) ? A(1) : A(0)) * clamp_log_pass(lw, o);
-  r.wc = clip_ratio(r.w, lo, hi, below);
-  r.pwc = clip_ratio_pass(r.w, lo, hi, below) * r.pw;
-  r.rw = r.rwc = A(0);
-  return r;
+  const A w = exp_any(clamp_log(lw, o));
+  const A pw = w * (row.log_s <= A(kGspoTokenLogMax) ? A(1) : A(0)) * clamp_log_pass(lw, o);
+  return RatioTerms<A>{w, clip_ratio(w, lo, hi, below), pw, clip_ratio_pass(w, lo, hi, below) * pw, A(0), A(0)};
 }
 // hybrid: w = a w_token + (1 - a) s_i, a = hybrid_alpha or h / max_row(h) (hybrid_mixing="entropy")
 template <typename A> FUSEDRL_HD A hybrid_mix(A h, const Row<A>& row, const Options& o) {
@@ -418,14 +409,12 @@ FUSEDRL_HD RatioTerms<A> hybrid_ratio(A rho, A mix, const Row<A>& row, A lo, A h
   const A slo = A(o.seq_lo), shi = A(o.seq_hi);
   const A wt = exp_any(clamp_log(rho, o));
   const A pt = wt * clamp_log_pass(rho, o);
-  RatioTerms<A> r;
-  r.w = mix * wt + (A(1) - mix) * row.s;
-  r.wc = mix * clip_ratio(wt, lo, hi, below) + (A(1) - mix) * clip_ratio(row.s, slo, shi, below);
-  r.pw = mix * pt;
-  r.pwc = mix * clip_ratio_pass(wt, lo, hi, below) * pt;
-  r.rw = A(1) - mix;
-  r.rwc = (A(1) - mix) * clip_ratio_pass(row.s, slo, shi, below);
-  return r;
+  return RatioTerms<A>{mix * wt + (A(1) - mix) * row.s,
+                       mix * clip_ratio(wt, lo, hi, below) + (A(1) - mix) * clip_ratio(row.s, slo, shi, below),
+                       mix * pt,
+                       mix * clip_ratio_pass(wt, lo, hi, below) * pt,
+                       A(1) - mix,
+                       (A(1) - mix) * clip_ratio_pass(row.s, slo, shi, below)};
 }
 // cumulative: w = exp(c), wc = exp(c clipped to sqrt(n) [log(1 - lo), log(1 + hi)]), with c and n
 // the prefix sums of m rho and m up to the token (the caller's scan)
@@ -439,13 +428,8 @@ template <typename A> FUSEDRL_HD RatioTerms<A> cumulative_ratio(A c, A n, bool b
     dcc *= dmax_a(cc, bl);
     cc = cc > bl ? cc : bl;
   }
-  RatioTerms<A> r;
-  r.w = exp_any(clamp_log(c, o));
-  r.wc = exp_any(clamp_log(cc, o));
-  r.pw = r.w * clamp_log_pass(c, o);
-  r.pwc = r.wc * clamp_log_pass(cc, o) * dcc;
-  r.rw = r.rwc = A(0);
-  return r;
+  const A w = exp_any(clamp_log(c, o)), wc = exp_any(clamp_log(cc, o));
+  return RatioTerms<A>{w, wc, w * clamp_log_pass(c, o), wc * clamp_log_pass(cc, o) * dcc, A(0), A(0)};
 }
 template <typename A>
 FUSEDRL_HD RatioTerms<A> ratio_terms(const Options& o, const Row<A>& row, A rho, A h, A c, A n) {
@@ -468,25 +452,26 @@ template <typename A> struct SurrogateTerms {
 // KIND: a Surrogate code. EXTRA (clip): false when delta and the dual clip are both absent.
 template <int KIND, bool EXTRA = true, typename A>
 FUSEDRL_HD SurrogateTerms<A> surrogate_of(const Options& o, const Row<A>& row, A w, A wc, A adv, A x, A rho) {
-  SurrogateTerms<A> s;
-  s.dw = s.dwc = s.dx = s.f_low = s.f_high = s.f_dual = A(0);
+  // scalars, returned as one aggregate (struct fields written through pointers stay in memory and
+  // stop GCC's vectorizer)
+  A l, dw = A(0), dwc = A(0), dx = A(0), f_low = A(0), f_high = A(0), f_dual = A(0);
   if constexpr (KIND == kClip) {
-    s.l = clip_surrogate<EXTRA>(w, wc, adv, o, &s.dw, &s.dwc, &s.f_dual);
+    l = clip_surrogate<EXTRA>(w, wc, adv, o, &dw, &dwc, &f_dual);
   } else if constexpr (KIND == kCispo) {  // -sg(wc) A x
-    s.l = -wc * adv * x;
-    s.dx = -wc * adv;
+    l = -wc * adv * x;
+    dx = -wc * adv;
   } else if constexpr (KIND == kSapo) {
-    s.l = sapo_surrogate(w, adv, o, &s.dw);
+    l = sapo_surrogate(w, adv, o, &dw);
   } else if constexpr (KIND == kReinforce) {
-    s.l = -w * adv;
-    s.dw = -adv;
+    l = -w * adv;
+    dw = -adv;
   } else if constexpr (KIND == kGpg) {
-    s.l = -adv * x;
-    s.dx = -adv;
+    l = -adv * x;
+    dx = -adv;
   } else if constexpr (KIND == kVespo) {  // -sg(phi) A x, phi from the row's sequence weight and the sign of A
     const A phi = vespo_phi(adv, row.vespo_log_w, row.vespo_w, o);
-    s.l = -phi * adv * x;
-    s.dx = -phi * adv;
+    l = -phi * adv * x;
+    dx = -phi * adv;
   } else {  // geo_mean: every token carries the row's -mean(A) exp(mean rho~)
     const A value = -row.adv_mean * row.geo;
     // d/dx_t of the row value; times the row's weight sum in combine (dx_scale: the value is
@@ -494,16 +479,16 @@ FUSEDRL_HD SurrogateTerms<A> surrogate_of(const Options& o, const Row<A>& row, A
     const A scale = value * row.geo_pass * (row.count_div > A(0) ? A(1) / row.count_div : A(0));
     A drho, clipped;
     geo_log_ratio(rho, adv, o, &drho, &clipped);
-    s.l = value;
-    s.dx = scale * drho;
-    s.f_low = (clipped != A(0) && adv < A(0)) ? A(1) : A(0);
-    s.f_high = (clipped != A(0) && adv > A(0)) ? A(1) : A(0);
+    l = value;
+    dx = scale * drho;
+    f_low = (clipped != A(0) && adv < A(0)) ? A(1) : A(0);
+    f_high = (clipped != A(0) && adv > A(0)) ? A(1) : A(0);
   }
   if constexpr (KIND == kClip || KIND == kCispo) {
-    s.f_low = clipped_low(w, wc, adv);
-    s.f_high = clipped_high(w, wc, adv);
+    f_low = clipped_low(w, wc, adv);
+    f_high = clipped_high(w, wc, adv);
   }
-  return s;
+  return SurrogateTerms<A>{l, dw, dwc, dx, f_low, f_high, f_dual};
 }
 template <typename A>
 FUSEDRL_HD SurrogateTerms<A> surrogate_terms(const Options& o, const Row<A>& row, A w, A wc, A adv, A x, A rho) {
@@ -532,21 +517,25 @@ template <typename A> FUSEDRL_HD A token_rollout_weight(const Options& o, const 
 template <typename A> struct KlTerms {
   A kl, dx, dw;
 };
-template <typename A> FUSEDRL_HD KlTerms<A> kl_terms(A x, A r, A w, int kind, bool straight, bool bias) {
+template <int KIND, bool STRAIGHT, bool BIAS, typename A> FUSEDRL_HD KlTerms<A> kl_of(A x, A r, A w) {
   const A diff = x - r;
   A dk;
-  const A k = kl_value(diff, kind, &dk);
-  if (straight) dk = diff;
-  KlTerms<A> t;
-  t.kl = bias ? k * w : k;
-  t.dx = bias ? dk * w : dk;
-  t.dw = bias ? k : A(0);
-  return t;
+  const A k = kl_value<KIND>(diff, &dk);
+  if (STRAIGHT) dk = diff;
+  return KlTerms<A>{BIAS ? k * w : k, BIAS ? dk * w : dk, BIAS ? k : A(0)};
 }
-template <typename A> FUSEDRL_HD KlTerms<A> no_kl() {
-  KlTerms<A> t;
-  t.kl = t.dx = t.dw = A(0);
-  return t;
+template <int KIND, typename A> FUSEDRL_HD KlTerms<A> kl_kind(A x, A r, A w, bool straight, bool bias) {
+  if (straight) return bias ? kl_of<KIND, true, true>(x, r, w) : kl_of<KIND, true, false>(x, r, w);
+  return bias ? kl_of<KIND, false, true>(x, r, w) : kl_of<KIND, false, false>(x, r, w);
+}
+template <typename A> FUSEDRL_HD KlTerms<A> kl_terms(A x, A r, A w, int kind, bool straight, bool bias) {
+  switch (kind) {
+    case kK1: return kl_kind<kK1>(x, r, w, straight, bias);
+    case kAbs: return kl_kind<kAbs>(x, r, w, straight, bias);
+    case kK2: return kl_kind<kK2>(x, r, w, straight, bias);
+    case kK3: return kl_kind<kK3>(x, r, w, straight, bias);
+    default: return kl_kind<kLowVar>(x, r, w, straight, bias);
+  }
 }
 
 // combine: the chain rule of one token (mask weight m, loss coefficient g, rollout weight q, the
@@ -556,6 +545,11 @@ template <typename A> FUSEDRL_HD KlTerms<A> no_kl() {
 // share of the row's dL/ds, and m times the loss, KL, ratio, rollout weight and clip flags. A padded
 // token (m = 0) gives exact zeros, selected rather than multiplied, even where a row value is inf
 // (log_ratio_clamp=None).
+//
+// GCC vectorizes the `omp simd` loops that compose these only while every struct stays in
+// registers: the stages' terms come by const reference (passed by value, or returned all-constant
+// from a function, they went through memory), so an absent term is written at the call site
+// (KlTerms<A>{0, 0, 0}).
 template <typename A> struct TokenTerms {
   A gx, dc, ds, sur, kl, w, q, low, high, dual;
 };
@@ -568,18 +562,16 @@ FUSEDRL_HD TokenTerms<A> combine(bool cumulative, A m, A g, A q, A keep, A bg, A
   const A dx = mq * (s.dx * dx_scale) + m * bg * k.dx;
   const A local = through_ratio(dw, r.pw, dwc, r.pwc);
   const bool ok = m != A(0);
-  TokenTerms<A> t;
-  t.gx = ok ? (cumulative ? dx : dx + local) : A(0);
-  t.dc = ok ? local : A(0);
-  t.ds = ok ? dw * r.rw + dwc * r.rwc : A(0);
-  t.sur = ok ? m * q * keep * s.l : A(0);
-  t.kl = ok ? m * k.kl : A(0);
-  t.w = ok ? m * r.w : A(0);
-  t.q = ok ? m * q : A(0);
-  t.low = m * s.f_low;
-  t.high = m * s.f_high;
-  t.dual = m * s.f_dual;
-  return t;
+  return TokenTerms<A>{ok ? (cumulative ? dx : dx + local) : A(0),
+                       ok ? local : A(0),
+                       ok ? dw * r.rw + dwc * r.rwc : A(0),
+                       ok ? m * q * keep * s.l : A(0),
+                       ok ? m * k.kl : A(0),
+                       ok ? m * r.w : A(0),
+                       ok ? m * q : A(0),
+                       m * s.f_low,
+                       m * s.f_high,
+                       m * s.f_dual};
 }
 
 // One token's operands (0 on a padded token) and the constants of its row.
@@ -602,7 +594,7 @@ template <typename A> FUSEDRL_HD TokenTerms<A> token_terms(const Options& o, con
   const SurrogateTerms<A> s = surrogate_terms(o, row, r.w, r.wc, k.adv, k.x, rho);
   const A q = token_rollout_weight(o, row, k.o - k.mu);
   const A keep = token_keep(k.adv, k.h, row.off_kl, o);
-  const KlTerms<A> kt = rt.has_ref ? kl_terms(k.x, k.r, r.w, o.kl, o.kl_straight, o.bias_kl) : no_kl<A>();
+  const KlTerms<A> kt = rt.has_ref ? kl_terms(k.x, k.r, r.w, o.kl, o.kl_straight, o.bias_kl) : KlTerms<A>{A(0), A(0), A(0)};
   return combine(o.ratio == kCumulative, k.m, rt.g, q, keep, rt.bg, rt.dx_scale, r, s, kt);
 }
 
