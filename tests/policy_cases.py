@@ -1,8 +1,11 @@
-"""Shared cases of the fused policy objective tests (tests/test_policy_kernels.py for the C++ CPU
-kernel, tests/test_policy_triton.py for Triton): operands with padded NaN and every mask dtype,
-the packed layout, a backend runner, the option grid and a hypothesis strategy over options."""
+"""Shared cases of the fused policy objective tests (tests/test_policy_backends.py for every kernel
+backend, tests/test_policy_cpu.py and tests/test_policy_triton.py for each one's own paths):
+operands with padded NaN and every mask dtype, the packed layout, a backend runner, the float64
+gold and its error, the option grid and a hypothesis strategy over options."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 from hypothesis import strategies as st
@@ -71,8 +74,25 @@ def pack(d):
 # runs
 
 
+# Triton launches of the loss kernel: run() checks that backend="triton" ran Triton (the dispatcher
+# falls through to the next backend, with a one-time warning, when a backend declines).
+LAUNCHES = {"triton": 0}
+if importlib.util.find_spec("triton") is not None:
+    from fusedrl.kernels import policy as _tk
+
+    def _counted(fn):
+        def launch(o):
+            LAUNCHES["triton"] += 1
+            return fn(o)
+
+        return launch
+
+    _tk.policy_loss = _counted(_tk.policy_loss)
+
+
 def run(backend, d, *, entropy_grad=True, **opts):
     """(loss, metrics, d loss / d logp, d loss / d entropy) of fusedrl.policy_loss on ``backend``."""
+    before = LAUNCHES["triton"]
     x = d["logp"].detach().clone().requires_grad_(True)
     h = d.get("entropy")
     if h is not None:
@@ -86,7 +106,24 @@ def run(backend, d, *, entropy_grad=True, **opts):
     gh = None
     if h is not None and h.requires_grad:
         gh = grads[1] if grads[1] is not None else torch.zeros_like(h)
+    assert (LAUNCHES["triton"] == before + 1) == (backend == "triton"), f"backend {backend!r} did not run"
     return loss.detach(), {k: v.detach() for k, v in metrics.items()}, gx, gh
+
+
+def gold(d):
+    """The operands in float64 (the gold's inputs: the same values)."""
+    return {k: (v.to(torch.float64) if v is not None and v.is_floating_point() and k != "mask" else v)
+            for k, v in d.items()}
+
+
+def error(got, want):
+    """Max error of (loss, metrics, grads) against the gold, each relative to the gold's scale."""
+    out = []
+    for a, b in zip([got[0], *got[1].values(), got[2]] + ([got[3]] if got[3] is not None else []),
+                    [want[0], *want[1].values(), want[2]] + ([want[3]] if want[3] is not None else [])):
+        scale = max(1.0, float(b.abs().max())) if b.numel() else 1.0
+        out.append(float((a.to(torch.float64) - b).abs().max()) / scale if b.numel() else 0.0)
+    return max(out)
 
 
 def assert_same(got, want, rtol, atol, what=""):
