@@ -56,3 +56,35 @@ def test_other_mask_dtypes_raise_naming_the_mask(name):
     for bad in (valid.to(torch.complex64),):
         with pytest.raises(TypeError, match=r"\bmask\b"):
             calls[name](bad)
+
+
+# N >= 2^31 faked with stride-0 expanded tensors (no memory for the data): each public function
+# must refuse before it allocates anything, naming the argument (scripts/fuzz.py --big probes).
+_BIG = 2**31 + 1
+_BIG_CALLS = {
+    "logits": lambda: fusedrl.token_logprobs(
+        torch.zeros(1, 3).expand(_BIG, 3), torch.zeros(1, dtype=torch.int64).expand(_BIG)),
+    "hidden": lambda: fusedrl.linear_logprobs(
+        torch.zeros(1, 2).expand(_BIG, 2), torch.zeros(3, 2), torch.zeros(1, dtype=torch.int64).expand(_BIG)),
+    "logp": lambda: fusedrl.policy_loss(
+        torch.zeros(1, 1).expand(_BIG, 1), None, torch.zeros(1).expand(_BIG),
+        torch.ones(1, 1, dtype=torch.bool).expand(_BIG, 1)),
+    "rewards": lambda: fusedrl.group_advantages(torch.zeros(1).expand(_BIG + 1), group_size=2),
+    "rewards ": lambda: fusedrl.gae(
+        torch.zeros(1, 1).expand(_BIG, 1), torch.zeros(1, 1).expand(_BIG, 1),
+        torch.ones(1, 1, dtype=torch.bool).expand(_BIG, 1)),
+    "rewards  ": lambda: fusedrl.discounted_returns(
+        torch.zeros(1, 1).expand(1, _BIG), torch.ones(1, 1, dtype=torch.bool).expand(1, _BIG)),
+}
+
+
+@pytest.mark.parametrize("name", list(_BIG_CALLS))
+def test_a_dimension_past_2_31_raises_naming_the_argument(name):
+    with pytest.raises(ValueError, match=rf"^{name.strip()} has a dimension above 2\*\*31 - 1"):
+        _BIG_CALLS[name]()
+
+
+def test_the_dimension_limit_is_inclusive():
+    check.tensor("x", torch.zeros(1).expand(check.MAX_DIM))  # at the limit: accepted
+    with pytest.raises(ValueError, match="x has a dimension"):
+        check.tensor("x", torch.zeros(1).expand(check.MAX_DIM + 1))

@@ -16,6 +16,10 @@ INDEX_DTYPES = (torch.int64, torch.int32)
 # weights where the objective has them).
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64) + FLOAT_DTYPES
 MASK_EXPECTED = "a bool, integer or floating-point tensor"
+# The largest dimension (rows, tokens, length, vocabulary) of any tensor argument: the kernels map
+# rows to launch grids and lengths to loop bounds, both at most 2^31 - 1 on every backend. Checked
+# before anything is allocated, so a batch past it gets a ValueError, not an allocation failure.
+MAX_DIM = 2**31 - 1
 
 
 def mask_tensor(name: str, value) -> torch.Tensor:
@@ -29,6 +33,10 @@ def tensor(name: str, value, dtypes=None, what: str | None = None) -> torch.Tens
     if dtypes is not None and value.dtype not in dtypes:
         expected = what or " or ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} must be {expected}, got {str(value.dtype).replace('torch.', '')}")
+    for d in value.shape:
+        if d > MAX_DIM:
+            raise ValueError(f"{name} has a dimension above 2**31 - 1 (the kernels' limit; split the batch), "
+                             f"got shape {tuple(value.shape)}")
     return value
 
 
