@@ -108,3 +108,33 @@ def test_gpg_hybrid_nan_old_logp_keeps_the_direct_gradient(backend):
     got = _policy_grad(backend, logp, old, adv, mask, **opts)
     assert bool(want[1].isfinite().all())
     torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=1e-14)
+
+
+NAN_PROPAGATION = [
+    dict(ratio="sequence-token"),  # min(log s, 10) of a NaN log s
+    dict(ratio="cumulative"),  # the clipped prefix min(c, sqrt(n) log(1 + hi)) of a NaN c
+    dict(ratio="cumulative", cispo_bounds="both", surrogate="cispo"),
+    dict(clip_ratio_c=3.0),  # the dual clip's min(l, -A c) and the clip's max of a NaN l
+    dict(ratio="sequence", clip_ratio_c=3.0),
+]
+
+
+@pytest.mark.parametrize("opts", NAN_PROPAGATION, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("backend", POLICY_KERNELS)
+def test_nan_at_a_valid_token_gives_a_nan_loss_like_the_reference(backend, opts):
+    """fuzz: policy_loss / cpu and triton 'valid nan': a NaN log-prob at a valid token gave the
+    reference a NaN loss (torch.clamp / maximum / minimum propagate NaN) but the kernels a finite
+    one: `a < b ? a : b` drops a NaN a. The kernels' minima and maxima of values now propagate NaN
+    (max_nan / min_nan in csrc/include/fusedrl/common.h), as documented in fusedrl.policy_loss."""
+    g = torch.Generator().manual_seed(5)
+    logp = -torch.rand(2, 4, generator=g, dtype=torch.float64)
+    old = logp + 0.1 * torch.randn(2, 4, generator=g, dtype=torch.float64)
+    adv = -torch.rand(2, generator=g, dtype=torch.float64)  # A < 0: the dual clip is active
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    for where in ("logp", "old"):
+        x, o = logp.clone(), old.clone()
+        (x if where == "logp" else o)[1, 1] = float("nan")
+        want = fusedrl.policy_loss(x, o, adv, mask, backend="torch", **opts)[0]
+        got = fusedrl.policy_loss(x, o, adv, mask, backend=backend, **opts)[0]
+        assert bool(torch.isnan(want)), (where, float(want))
+        assert bool(torch.isnan(got)), (where, float(got))

@@ -527,7 +527,13 @@ def policy_loss(
     gradient; a fully masked batch gives exactly 0 with zero gradients; log-ratios of
     :math:`\pm 10^4` give a finite loss and gradient for every surrogate and ratio level (the
     clamp zeroes the gradient through a saturated weight). Float masks are per-token weights
-    (counts become sums of weights).
+    (counts become sums of weights). A NaN in an operand of a valid token gives a NaN loss, as the
+    reference's torch ops do (the kernels' minima and maxima propagate NaN like
+    ``torch.minimum`` / ``torch.maximum``), except where the objective itself drops it (vespo's
+    weight maps a non-finite value to 0, TRL's ``nan_to_num``; a masking comparison with NaN is
+    false, as in torch). The metrics and gradients of a call whose loss is NaN are not specified:
+    they may be NaN or finite and differ between backends (a kernel spreads the NaN to every token
+    of the rows whose statistics it enters; torch's backward may not).
 
     Args:
         logp, old_logp: float [B, T], or [1, N] / [N] with ``cu_seqlens`` (``old_logp`` may be None).

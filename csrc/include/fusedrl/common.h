@@ -131,6 +131,10 @@ FUSEDRL_HD double exp_nonpos(double x) { return x <= -128.0 ? 0.0 : exp(x); }
 template <typename A> FUSEDRL_HD A clampv(A v, A lo, A hi) { return v < lo ? lo : (v > hi ? hi : v); }
 // 1 inside [lo, hi] (bounds included: torch's clamp passes the gradient there), else 0.
 template <typename A> FUSEDRL_HD A inside(A v, A lo, A hi) { return (v >= lo && v <= hi) ? A(1) : A(0); }
+// torch.maximum / torch.minimum: NaN when either argument is NaN (a plain `a > b ? a : b` drops
+// a NaN a: the NaN semantics of the reference, where a NaN operand gives a NaN loss).
+template <typename A> FUSEDRL_HD A max_nan(A a, A b) { return (a > b || a != a) ? a : b; }
+template <typename A> FUSEDRL_HD A min_nan(A a, A b) { return (a < b || a != a) ? a : b; }
 // d max(a, b) / da: 1, 0, or 1/2 on a tie (torch); d min(a, b) / da likewise.
 template <typename A> FUSEDRL_HD A dmax_a(A a, A b) { return a > b ? A(1) : (a == b ? A(0.5) : A(0)); }
 template <typename A> FUSEDRL_HD A dmin_a(A a, A b) { return a < b ? A(1) : (a == b ? A(0.5) : A(0)); }

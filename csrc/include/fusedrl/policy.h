@@ -216,7 +216,7 @@ FUSEDRL_HD A clip_surrogate(A w, A wc, A adv, const Options& o, A* dw, A* dwc, A
   const A wu = EXTRA && w > A(o.delta) ? A(o.delta) : w;  // delta = +inf when absent
   const A dwu = !EXTRA || w <= A(o.delta) ? A(1) : A(0);
   const A a1 = -adv * wu, a2 = -adv * wc;
-  const A l = a1 > a2 ? a1 : a2;
+  const A l = max_nan(a1, a2);
   const A f1 = dmax_a(a1, a2), f2 = A(1) - f1;
   if (!EXTRA) {
     *dw = f1 * (-adv);
@@ -233,7 +233,7 @@ FUSEDRL_HD A clip_surrogate(A w, A wc, A adv, const Options& o, A* dw, A* dwc, A
   *dw = fd * f1 * (-adv) * dwu;
   *dwc = fd * f2 * (-adv);
   *dual_hit = (neg ? A(1) : A(0)) * (c < unclipped_max ? A(1) : A(0));
-  return neg ? (l < c ? l : c) : l;
+  return neg ? min_nan(l, c) : l;
 }
 
 // SAPO: -(4 / tau) sigmoid(tau (w - 1)) A; dl/dw = -4 A sig (1 - sig).
@@ -395,7 +395,7 @@ template <typename A> FUSEDRL_HD RatioTerms<A> sequence_ratio(const Row<A>& row,
 // sequence-token (GSPO-token): w = exp(min(log s_i, 10)), the gradient a token ratio's
 template <typename A> FUSEDRL_HD RatioTerms<A> sequence_token_ratio(const Row<A>& row, A lo, A hi, bool below,
                                                                    const Options& o) {
-  const A lw = row.log_s < A(kGspoTokenLogMax) ? row.log_s : A(kGspoTokenLogMax);
+  const A lw = min_nan(row.log_s, A(kGspoTokenLogMax));
   const A w = exp_any(clamp_log(lw, o));
   const A pw = w * (row.log_s <= A(kGspoTokenLogMax) ? A(1) : A(0)) * clamp_log_pass(lw, o);
   return RatioTerms<A>{w, clip_ratio(w, lo, hi, below), pw, clip_ratio_pass(w, lo, hi, below) * pw, A(0), A(0)};
@@ -421,12 +421,12 @@ FUSEDRL_HD RatioTerms<A> hybrid_ratio(A rho, A mix, const Row<A>& row, A lo, A h
 template <typename A> FUSEDRL_HD RatioTerms<A> cumulative_ratio(A c, A n, bool below, const Options& o) {
   const A root = sqrt_acc(n);
   const A bh = root * A(o.log_hi);
-  A cc = c < bh ? c : bh;
+  A cc = min_nan(c, bh);
   A dcc = dmin_a(c, bh);
   if (below) {
     const A bl = root * A(o.log_lo);
     dcc *= dmax_a(cc, bl);
-    cc = cc > bl ? cc : bl;
+    cc = max_nan(cc, bl);
   }
   const A w = exp_any(clamp_log(c, o)), wc = exp_any(clamp_log(cc, o));
   return RatioTerms<A>{w, wc, w * clamp_log_pass(c, o), wc * clamp_log_pass(cc, o) * dcc, A(0), A(0)};

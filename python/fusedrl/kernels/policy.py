@@ -8,6 +8,8 @@ here                      fusedrl/policy.h / csrc/cpu/policy.cpp
 ========================  ===========================================================================
 ``_clampv``, ``_inside``  ``clampv``, ``inside`` (bounds inclusive: torch's clamp passes the
                           gradient there)
+``_max_nan``,             ``max_nan``, ``min_nan`` (torch.maximum / minimum: a NaN wins)
+``_min_nan``
 ``_dmax_a``, ``_dmin_a``  ``dmax_a``, ``dmin_a`` (a tie sends 1/2 to each side)
 ``_clamp_log``,           ``clamp_log``, ``clamp_log_pass`` (the log-weight clamp before every exp)
 ``_clamp_log_pass``
@@ -114,6 +116,18 @@ def _inside(v, lo, hi):
 
 
 @triton.jit
+def _max_nan(a, b):
+    """max_nan: torch.maximum (NaN when either is NaN)."""
+    return tl.where((a > b) | (a != a), a, b)
+
+
+@triton.jit
+def _min_nan(a, b):
+    """min_nan: torch.minimum (NaN when either is NaN)."""
+    return tl.where((a < b) | (a != a), a, b)
+
+
+@triton.jit
 def _dmax_a(a, b):
     return tl.where(a > b, 1.0, tl.where(a == b, 0.5, 0.0))
 
@@ -175,14 +189,14 @@ def _clip_surrogate(w, wc, adv, has_delta, delta, has_dual, dual):
     dwu = tl.where(has_delta != 0, tl.where(w <= delta, 1.0, 0.0), 1.0)
     a1 = -adv * wu
     a2 = -adv * wc
-    l = tl.where(a1 > a2, a1, a2)
+    l = _max_nan(a1, a2)
     f1 = _dmax_a(a1, a2)
     f2 = 1.0 - f1
     c = -adv * dual
     neg = adv < 0.0
     dual_on = has_dual != 0
     fd = tl.where(dual_on & neg, _dmin_a(l, c), 1.0)
-    out = tl.where(dual_on & neg, tl.where(l < c, l, c), l)
+    out = tl.where(dual_on & neg, _min_nan(l, c), l)
     aw = -adv * w
     unclipped_max = tl.where(aw > a2, aw, a2)  # the reference flags with w, not min(w, delta)
     hit = tl.where(dual_on & neg & (c < unclipped_max), 1.0, 0.0)
@@ -482,7 +496,7 @@ def _ratio_terms(x, o, m, h, row_s, row_log_s, row_h_max, c_carry, n_carry,
         rw = zero + 1.0
         rwc = zero + _clip_ratio_pass(row_s, lo, hi, below)
     elif RATIO == SEQUENCE_TOKEN:
-        lw = tl.where(row_log_s < GSPO_TOKEN_LOG_MAX, row_log_s, GSPO_TOKEN_LOG_MAX).to(ACC)
+        lw = _min_nan(row_log_s, GSPO_TOKEN_LOG_MAX).to(ACC)
         w_s = tl.exp(_clamp_log(lw, has_clamp, clamp))
         pw_s = w_s * tl.where(row_log_s <= GSPO_TOKEN_LOG_MAX, 1.0, 0.0) * _clamp_log_pass(lw, has_clamp, clamp)
         w = zero + w_s
@@ -517,12 +531,12 @@ def _ratio_terms(x, o, m, h, row_s, row_log_s, row_h_max, c_carry, n_carry,
         cj = c.to(ACC)
         root = _sqrt_acc(cnt.to(ACC))
         bh = root * log_hi
-        cc = tl.where(cj < bh, cj, bh)
+        cc = _min_nan(cj, bh)
         dcc = _dmin_a(cj, bh)
         bl = root * log_lo
         on = below != 0
         dcc = tl.where(on, dcc * _dmax_a(cc, bl), dcc)
-        cc = tl.where(on, tl.where(cc > bl, cc, bl), cc)
+        cc = tl.where(on, _max_nan(cc, bl), cc)
         w = tl.exp(_clamp_log(cj, has_clamp, clamp))
         wc = tl.exp(_clamp_log(cc, has_clamp, clamp))
         pw = w * _clamp_log_pass(cj, has_clamp, clamp)
