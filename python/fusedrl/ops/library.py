@@ -83,7 +83,7 @@ class Op:
         OPS[name] = self
 
     def __call__(self, backend: str, *args):
-        if torch.compiler.is_compiling() or any(map(_traced_arg, args)):
+        if torch.compiler.is_compiling() or _any_traced(args):
             return self.overloads[backend](*args)
         # eager: the registered kernel without the dispatcher; a differentiable op through the same
         # autograd.Function that its Autograd kernel applies
@@ -182,8 +182,16 @@ def unpack_options(flags, values, ints: tuple[str, ...], floats: tuple[str, ...]
     return dict(zip(ints, flags)) | dict(zip(floats, values))
 
 
-def _traced_arg(a) -> bool:
-    return isinstance(a, torch.Tensor) and type(a) is not torch.Tensor
+_UNTRACED = frozenset({torch.Tensor, int, float, bool, str, type(None), list, tuple})
+
+
+def _any_traced(args) -> bool:
+    """Whether an argument is a tensor subclass (AOTAutograd's fake / functional tensors): the
+    types of eager calls are looked up in a set first (this runs on every eager call)."""
+    for a in args:
+        if type(a) not in _UNTRACED and isinstance(a, torch.Tensor):
+            return True
+    return False
 
 
 def _traced(t: torch.Tensor) -> bool:
