@@ -97,10 +97,31 @@ FUSEDRL_HD double mul_rn(double a, double b) {
 #endif
 }
 
+// ---- exp on the host: e^x = p(x - n ln 2) 2^n ----
+// The branch-free Cody-Waite reduction and the Cephes degree-6 polynomial (about 1 ulp) of
+// exp_nonpos here and exp_any (fusedrl/policy.h): the loops that call them vectorize without
+// -ffast-math or libmvec. Pure functions of floats (no out-parameters), so that they stay in
+// registers inside `omp simd` loops.
+// n = round(x / ln 2): adding and subtracting 1.5 * 2^23 rounds to an integer.
+FUSEDRL_HD float exp_round(float xc) {
+  const float magic = 12582912.0f;
+  return (xc * 1.44269504088896341f + magic) - magic;
+}
+// e^r for r = x - n ln 2 (ln 2 split in two for an exact product).
+FUSEDRL_HD float exp_poly(float xc, float n) {
+  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  return p * r * r + r + 1.0f;
+}
+
 // ---- exp of a non-positive argument ----
-// All exponentials in fusedrl's log-prob kernels are of x - max <= 0. On the host this is a
-// branch-free Cody-Waite reduction with the Cephes degree-6 polynomial (about 1 ulp), so the
-// loops that call it vectorize without -ffast-math or libmvec. Arguments below -87.3 give 0
+// All exponentials in fusedrl's log-prob kernels are of x - max <= 0 (on the host: exp_round and
+// exp_poly above). Arguments below -87.3 give 0
 // (the true value is below FLT_MIN and is negligible next to any sum that holds the max term);
 // NaN propagates. Arguments above 0 are not expected (the result is then inexact).
 FUSEDRL_HD float exp_nonpos(float x) {
@@ -109,16 +130,8 @@ FUSEDRL_HD float exp_nonpos(float x) {
 #else
   const float lo = -87.3f;
   const float xc = x < lo ? lo : x;  // callers pass x <= 0 (a shift below a max)
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  const float n = (xc * 1.44269504088896341f + magic) - magic;
-  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  const float n = exp_round(xc);
+  const float p = exp_poly(xc, n);
   const float scale = bits_to_float(uint32_t(int32_t(n) + 127) << 23);
   return (x < lo) ? 0.0f : p * scale;  // a NaN x gives a NaN p, hence a NaN result
 #endif

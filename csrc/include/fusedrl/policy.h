@@ -146,16 +146,8 @@ FUSEDRL_HD float exp_any(float x) {
 #else
   const float lo = -87.3f, hi = 88.7f;
   const float xc = x < lo ? lo : (x > hi ? hi : x);
-  const float magic = 12582912.0f;
-  const float n = (xc * 1.44269504088896341f + magic) - magic;
-  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  const float n = exp_round(xc);
+  const float p = exp_poly(xc, n);
   // 2^n as 2^(n - 1) * 2: n reaches 128 near the top of the range
   const float scale = bits_to_float(uint32_t(int32_t(n) + 126) << 23);
   const float v = p * scale * 2.0f;
